@@ -1,0 +1,57 @@
+# sd35 — the two commands: `make serve` (real model, GPU) and `make test`.
+# Every target installs what it needs into .venv first; re-running is quick.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+HOST     ?= 0.0.0.0
+PORT     ?= 8000
+DEMO_DIR ?= .cache/tiny-sd3
+
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+
+export HOST PORT
+# Keep BentoML's store and usage tracking out of the user's home.
+export BENTOML_DO_NOT_TRACK ?= true
+
+.PHONY: install serve demo test lint format clean
+
+install: $(STAMP)
+
+# torch goes in first and alone: `torch==2.13.0` takes the local CPU wheel on
+# CPU-only machines, and nothing installed afterwards can swap it for a build
+# that drags in gigabytes of CUDA packages.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+## serve: the real model (MODEL_ID, default stabilityai/stable-diffusion-3.5-large-turbo) on HOST:PORT
+serve: install
+	$(BIN)/bentoml serve service:SD35 --host "$(HOST)" --port "$(PORT)"
+
+$(DEMO_DIR)/model_index.json: | install
+	$(BIN)/python -m sd35.tiny $(DEMO_DIR)
+
+## demo: a tiny random model, offline, on CPU — for trying the API, not for pictures
+demo: install $(DEMO_DIR)/model_index.json
+	MODEL_ID="$(abspath $(DEMO_DIR))" $(BIN)/bentoml serve service:SD35 --host "$(HOST)" --port "$(PORT)"
+
+## test: the whole suite (no GPU, no network)
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,146 @@
+"""The HTTP surface: FastAPI routes and the handlers that turn every error into OpenAI's shape.
+
+Routes only translate between HTTP and :class:`~sd35.serving.ImageServing`; the
+engine never sees FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sd35.errors import (
+    APIError,
+    MethodNotAllowedError,
+    ModelNotLoadedError,
+    NotFoundError,
+    ValidationError,
+    error_payload,
+)
+from sd35.protocol import ErrorResponse, HealthResponse, ImageGenerationRequest, ImagesResponse, ModelList
+from sd35.serving import ImageServing
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request (`validation_error`); `param` names the field.",
+        401: "Missing or wrong API key (`authentication_error`).",
+        429: "Too much queued work (`rate_limit_exceeded`); see `Retry-After`.",
+        500: "`gpu_out_of_memory`, `generation_failed` or `internal_error`.",
+        503: "The model is loading or failed to load (`model_not_loaded`).",
+        504: "The request outlived REQUEST_TIMEOUT (`timeout`).",
+    }.items()
+}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_payload(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> ValidationError:
+    """The first problem of a failed validation, phrased for a person, with the field as ``param``."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        return ValidationError(f"The request body is not valid JSON: {error.get('msg', '')}.")
+    if not loc:
+        if not _is_json(request):
+            return ValidationError("The request body must be JSON, sent with 'Content-Type: application/json'.")
+        if error.get("type") == "missing":
+            return ValidationError('The request body is empty; send a JSON object such as {"prompt": "..."}.')
+        return ValidationError('The request body must be a JSON object such as {"prompt": "..."}.')
+    param = ".".join(loc)
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        return ValidationError(f"Missing required parameter: '{param}'.", param=param)
+    if error.get("type") == "extra_forbidden":
+        return ValidationError(f"Unrecognized parameter: '{param}'.", param=param)
+    return ValidationError(f"Invalid value for '{param}': {message[0].lower()}{message[1:]}.", param=param)
+
+
+def _serving(request: Request) -> ImageServing:
+    serving: ImageServing | None = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise ModelNotLoadedError("The service is starting.", retry_after=5)
+    return serving
+
+
+def create_app() -> FastAPI:
+    """The OpenAI-compatible app; ``app.state.serving`` is attached when the service starts."""
+    app = FastAPI(
+        title="sd35 — OpenAI-compatible image generation",
+        summary="Stable Diffusion 3.5 Large Turbo behind the OpenAI Images API.",
+        version="1.0.0",
+    )
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(request, exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return error_response(
+                MethodNotAllowedError(f"Method {request.method} is not allowed for {request.url.path}.")
+            )
+        if exc.status_code == 404:
+            return error_response(NotFoundError(f"No route {request.method} {request.url.path}."))
+        if exc.status_code == 400:
+            return error_response(ValidationError(str(exc.detail)))
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        tags=["images"],
+        summary="Create images from a prompt",
+    )
+    async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+        return await _serving(request).generate(body)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]}, tags=["models"])
+    async def list_models(request: Request) -> ModelList:
+        return _serving(request).models()
+
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        response_model_exclude_none=True,
+        responses={503: {"model": HealthResponse, "description": "Loading, or the load failed."}},
+        tags=["health"],
+    )
+    async def health(request: Request) -> JSONResponse:
+        serving: ImageServing | None = getattr(request.app.state, "serving", None)
+        if serving is None:
+            body = HealthResponse(status="degraded", model_loaded=False, model="", detail="the service is starting")
+        else:
+            status = serving.engine.status
+            body = HealthResponse(
+                status="healthy" if status.loaded else "degraded",
+                model_loaded=status.loaded,
+                model=serving.settings.model_id,
+                detail=status.detail,
+            )
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if body.model_loaded else 503)
+
+    return app

@@ -1,0 +1,168 @@
+"""Every environment variable the service reads, parsed and validated once at start.
+
+A bad value raises :class:`ConfigError` whose message is one line naming the
+variable, so ``bentoml serve`` stops with something a person can act on instead
+of failing later inside a request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-3.5-large-turbo"
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults published for a model family."""
+
+    num_inference_steps: int
+    guidance_scale: float
+
+
+# The non-turbo SD3.5 checkpoints were trained for classifier-free guidance and
+# many steps; Turbo (and anything unknown, such as a local directory) is
+# distilled for 4 steps without guidance.
+_PUBLISHED_DEFAULTS: dict[str, ModelDefaults] = {
+    "stabilityai/stable-diffusion-3.5-large": ModelDefaults(28, 3.5),
+    "stabilityai/stable-diffusion-3.5-medium": ModelDefaults(40, 4.5),
+}
+_TURBO_DEFAULTS = ModelDefaults(4, 0.0)
+
+
+def published_defaults(model_id: str) -> ModelDefaults:
+    """Steps and guidance the model's authors recommend (Turbo's when unknown)."""
+    return _PUBLISHED_DEFAULTS.get(model_id.strip().rstrip("/").lower(), _TURBO_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str = DEFAULT_MODEL_ID
+    hf_token: str | None = field(default=None, repr=False)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    host: str = "0.0.0.0"
+    port: int = 8000
+    enable_cache_dit: bool = False
+    default_num_inference_steps: int = 4
+    default_guidance_scale: float = 0.0
+    device: str = "auto"
+    max_queue_images: int = 64
+    max_batch_images: int = 8
+    request_timeout: float = 300.0
+    max_body_bytes: int = 1 << 20
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def served_model_name(self) -> str:
+        """The id `/v1/models` reports: a hub id as is, a local directory by its name."""
+        path = Path(self.model_id)
+        return path.name if path.is_dir() else self.model_id
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _parse(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], expect: str) -> T:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        return parse(raw)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name}={raw!r} is invalid: expected {expect}") from None
+
+
+def _bounded(kind: Callable[[str], T], low: float, high: float) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not low <= value <= high:  # type: ignore[operator]
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError
+
+
+def _host(raw: str) -> str:
+    if raw == "localhost":
+        return raw
+    ipaddress.ip_address(raw)
+    return raw
+
+
+def _device(raw: str) -> str:
+    lowered = raw.lower()
+    if lowered in {"auto", "cpu", "cuda"} or (lowered.startswith("cuda:") and lowered[5:].isdigit()):
+        return lowered
+    raise ValueError
+
+
+def _api_keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(key.strip() for key in raw.split(","))
+    if any(not key or any(ch.isspace() for ch in key) for key in keys):
+        raise ValueError
+    return keys
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the environment (``os.environ`` by default) into validated settings."""
+    env = os.environ if env is None else env
+    model_id = _get(env, "MODEL_ID") or DEFAULT_MODEL_ID
+    defaults = published_defaults(model_id)
+    return Settings(
+        model_id=model_id,
+        hf_token=_get(env, "HF_TOKEN") or _get(env, "HUGGING_FACE_HUB_TOKEN"),
+        api_keys=_parse(env, "API_KEY", (), _api_keys, "one key, or several separated by commas, without spaces"),
+        host=_parse(env, "HOST", "0.0.0.0", _host, "an IP address such as 0.0.0.0, 127.0.0.1 or ::"),
+        port=_parse(env, "PORT", 8000, _bounded(int, 1, 65535), "an integer port between 1 and 65535"),
+        enable_cache_dit=_parse(env, "ENABLE_CACHE_DIT", False, _bool, "true or false"),
+        default_num_inference_steps=_parse(
+            env,
+            "DEFAULT_NUM_INFERENCE_STEPS",
+            defaults.num_inference_steps,
+            _bounded(int, 1, 50),
+            "an integer between 1 and 50",
+        ),
+        default_guidance_scale=_parse(
+            env, "DEFAULT_GUIDANCE_SCALE", defaults.guidance_scale, _bounded(float, 0, 20), "a number between 0 and 20"
+        ),
+        device=_parse(env, "DEVICE", "auto", _device, "auto, cpu, cuda or cuda:N"),
+        max_queue_images=_parse(env, "MAX_QUEUE_IMAGES", 64, _bounded(int, 1, 100_000), "an integer ≥ 1"),
+        max_batch_images=_parse(env, "MAX_BATCH_IMAGES", 8, _bounded(int, 1, 256), "an integer between 1 and 256"),
+        request_timeout=_parse(
+            env, "REQUEST_TIMEOUT", 300.0, _bounded(float, 1, 86_400), "a number of seconds between 1 and 86400"
+        ),
+        max_body_bytes=_parse(
+            env, "MAX_BODY_BYTES", 1 << 20, _bounded(int, 1024, 1 << 30), "a number of bytes between 1024 and 2**30"
+        ),
+    )

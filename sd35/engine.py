@@ -1,0 +1,331 @@
+"""The generation engine: loads the pipeline and drives it from one worker thread.
+
+This is the only module that imports torch and diffusers. One engine owns one
+pipeline on one device. A diffusers pipeline is not thread-safe, so a single
+worker thread makes every pipeline call; concurrent requests that can share a
+call (same size, steps and guidance) are merged into one batch with one seeded
+generator per image, so each image is the one its seed gives alone (within
+±1/255: kernels differ slightly with batch size). The worker hands back uint8
+pixels and goes straight to the next batch: encoding happens elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd35.config import DEFAULT_MODEL_ID, Settings
+from sd35.errors import (
+    APIError,
+    GenerationFailedError,
+    GPUOutOfMemoryError,
+    ModelNotLoadedError,
+    RateLimitError,
+    RequestTimeoutError,
+)
+
+logger = logging.getLogger(__name__)
+
+SEED_MODULUS = 2**64
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that decides the pixels of one request's images."""
+
+    prompt: str
+    width: int
+    height: int
+    num_images: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, float]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
+    def seeds(self) -> list[int]:
+        return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
+
+
+@dataclass
+class _Job:
+    params: GenerationParams
+    future: concurrent.futures.Future[list[np.ndarray]] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    loaded: bool
+    detail: str | None
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"DEVICE={requested} but no CUDA GPU is visible to this process (check --gpus all)")
+    return requested
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).exists()
+
+
+def describe_load_error(exc: BaseException, settings: Settings) -> str:
+    """A cause a user can act on, from whatever loading raised."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    model = settings.model_id
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+
+    def caused_by(*kinds: type[BaseException]) -> bool:
+        return any(isinstance(e, kinds) for e in chain)
+
+    if _looks_like_path(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            return f"MODEL_ID={model} looks like a local path, but no such directory exists"
+        if not (path / "model_index.json").is_file():
+            return f"{model} is not a diffusers model directory: it has no model_index.json"
+        return f"{model} is an incomplete or damaged model directory: {exc}"
+    # GatedRepoError is a RepositoryNotFoundError: test it first.
+    if caused_by(GatedRepoError):
+        token = "the token given has no access" if settings.hf_token else "no token is set"
+        return (
+            f"{model} is a gated model and {token}: accept its license on https://huggingface.co/{model} "
+            "and set HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) to a token of that account"
+        )
+    if caused_by(RepositoryNotFoundError):
+        return (
+            f"model {model!r} was not found on the Hugging Face Hub: check MODEL_ID (a hub id such as "
+            f"{DEFAULT_MODEL_ID}, or a local directory)"
+            + ("" if settings.hf_token else "; a private model also needs HF_TOKEN")
+        )
+    offline = caused_by(OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)
+    if offline or any("Connect" in type(e).__name__ or "Timeout" in type(e).__name__ for e in chain):
+        return (
+            f"could not download {model}: the Hugging Face Hub is unreachable (no network, a proxy, or "
+            "HF_HUB_OFFLINE=1) and the weights are not in the local cache (HF_HOME); connect the machine "
+            "to the internet or mount a cache that holds the model"
+        )
+    return f"could not load {model}: {type(exc).__name__}: {exc}"
+
+
+def load_pipeline(settings: Settings) -> tuple[Any, str]:
+    """Load ``MODEL_ID`` onto the chosen device; returns (pipeline, device)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    device = resolve_device(settings.device)
+    # bf16 halves memory and runs at full tensor-core speed on GPUs; CPUs run
+    # bf16 slowly or not at all, so they get float32.
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusion3Pipeline.from_pretrained(settings.model_id, dtype=dtype, token=settings.hf_token)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if settings.enable_cache_dit:
+        from sd35.acceleration import enable_cache_dit
+
+        enable_cache_dit(pipe)
+    return pipe, device
+
+
+class GenerationEngine:
+    """Owns one pipeline; queues, batches and runs generation requests."""
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], tuple[Any, str]] | None = None) -> None:
+        self.settings = settings
+        self._loader = loader
+        self.pipeline: Any = None
+        self.device: str | None = None
+        self._status = EngineStatus(False, "the model is loading")
+        self._pending: deque[_Job] = deque()
+        self._queued_images = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._seconds_per_image = 1.0
+        self._worker = threading.Thread(target=self._run_worker, name="sd35-generation", daemon=True)
+        self.batch_sizes: list[int] = []
+
+    # --- loading -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model in the background; requests get 503 until it is ready."""
+        threading.Thread(target=self._load, name="sd35-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        logger.info("loading %s", self.settings.model_id)
+        try:
+            self.pipeline, self.device = (self._loader or load_pipeline)(self.settings)
+        except Exception as exc:  # any failure must become a reason, never a crash loop
+            reason = describe_load_error(exc, self.settings)
+            logger.error("model failed to load: %s", reason)
+            logger.debug("load failure details", exc_info=exc)
+            self._status = EngineStatus(False, f"the model failed to load: {reason}")
+            return
+        self._worker.start()
+        self._status = EngineStatus(True, None)
+        logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, time.monotonic() - started)
+
+    @property
+    def status(self) -> EngineStatus:
+        return self._status
+
+    @property
+    def ready(self) -> bool:
+        return self._status.loaded
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # --- requests ----------------------------------------------------------
+
+    async def generate(self, params: GenerationParams, timeout: float | None = None) -> list[np.ndarray]:
+        """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order."""
+        job = self.submit(params)
+        timeout = self.settings.request_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"The request did not finish within {timeout:g} seconds (REQUEST_TIMEOUT); try again later, "
+                "or with fewer or smaller images."
+            ) from None
+
+    def submit(self, params: GenerationParams) -> _Job:
+        status = self._status
+        if not status.loaded:
+            raise ModelNotLoadedError(
+                f"The model is not ready: {status.detail}.",
+                retry_after=None if "failed" in (status.detail or "") else 10,
+            )
+        job = _Job(params)
+        with self._cond:
+            if self._closed:
+                raise ModelNotLoadedError("The server is shutting down and takes no new requests.")
+            if self._queued_images + params.num_images > self.settings.max_queue_images:
+                raise RateLimitError(
+                    f"Too many images are queued ({self._queued_images} of {self.settings.max_queue_images}); "
+                    "retry after the indicated delay.",
+                    retry_after=self._queued_images * self._seconds_per_image,
+                )
+            self._pending.append(job)
+            self._queued_images += params.num_images
+            self._cond.notify()
+        return job
+
+    # --- the worker --------------------------------------------------------
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            first = self._pending.popleft()
+            batch, images = [first], first.params.num_images
+            for job in list(self._pending):
+                fits = images + job.params.num_images <= self.settings.max_batch_images
+                if fits and job.params.batch_key == first.params.batch_key:
+                    self._pending.remove(job)
+                    batch.append(job)
+                    images += job.params.num_images
+            self._queued_images -= images
+        # A request that timed out or went away while queued is dropped here,
+        # not run for nobody.
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _run_worker(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        try:
+            results = self._call_pipeline([job.params for job in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                # Isolate the failure: one bad request must not fail its neighbours.
+                for job in batch:
+                    self._run_batch([job])
+                return
+            batch[0].future.set_exception(self._translate(exc))
+            return
+        for job, images in zip(batch, results, strict=True):
+            job.future.set_result(images)
+
+    def _translate(self, exc: Exception) -> APIError:
+        import torch
+
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            logger.warning("CUDA out of memory during generation")
+            return GPUOutOfMemoryError(
+                "The GPU ran out of memory generating these images; try fewer images (n) or a smaller size."
+            )
+        logger.error("generation failed", exc_info=exc)
+        return GenerationFailedError("Image generation failed; the server log has the details.")
+
+    def _call_pipeline(self, batch: list[GenerationParams]) -> list[list[np.ndarray]]:
+        import torch
+
+        first = batch[0]
+        prompts = [p.prompt for p in batch for _ in range(p.num_images)]
+        negatives = [p.negative_prompt or "" for p in batch for _ in range(p.num_images)]
+        # One CPU generator per image: the same seed gives the same noise on
+        # any device and at any position in a batch.
+        generators = [torch.Generator("cpu").manual_seed(seed) for p in batch for seed in p.seeds()]
+        started = time.monotonic()
+        with torch.inference_mode():
+            output = self.pipeline(
+                prompt=prompts,
+                negative_prompt=negatives if first.guidance_scale > 1 else None,
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators,
+                output_type="pt",
+            )
+            # diffusers' PIL rounding (float32, then ×255, round half to
+            # even), done on the device so only uint8 crosses to the host.
+            pixels = (output.images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+        self.batch_sizes.append(len(prompts))
+        elapsed = time.monotonic() - started
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(prompts)
+        arrays = list(pixels.numpy())
+        results, offset = [], 0
+        for params in batch:
+            results.append(arrays[offset : offset + params.num_images])
+            offset += params.num_images
+        return results

@@ -1,0 +1,137 @@
+"""Request and response models of the OpenAI Images API, field by field.
+
+Fields follow OpenAI's order and nullability (clients send ``null`` for
+"default"); fields OpenAI defines that cannot change an SD3.5 image are
+accepted and ignored, and unknown fields are ignored rather than rejected, as
+strict servers break real clients. Our extensions sit in a marked block.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sd35.imaging import SIZE_RULE, parse_size
+
+MAX_PROMPT_CHARS = 4096
+MAX_IMAGES_PER_REQUEST = 4
+MAX_SEED = 2**64 - 1
+
+StrictInt = Annotated[int, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of ``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"What to draw, 1–{MAX_PROMPT_CHARS} characters.",
+        examples=["A lighthouse on a cliff at dawn, oil painting"],
+    )
+    background: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    model: str | None = Field(default=None, description="Accepted for compatibility; the served model is used.")
+    moderation: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    n: StrictInt | None = Field(
+        default=1, ge=1, le=MAX_IMAGES_PER_REQUEST, description=f"Number of images, 1–{MAX_IMAGES_PER_REQUEST}."
+    )
+    output_compression: StrictInt | None = Field(
+        default=100, ge=0, le=100, description="0–100; quality for jpeg and webp (100 = lossless webp)."
+    )
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default="png", description="Image encoding.")
+    partial_images: StrictInt | None = Field(
+        default=None, ge=0, le=3, description="Streaming previews; accepted only without `stream`."
+    )
+    quality: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        default="b64_json", description="`b64_json` (default) returns the image inline."
+    )
+    size: str | None = Field(default="1024x1024", description=f"Image size: {SIZE_RULE}.", examples=["1024x1024"])
+    stream: StrictBool | None = Field(default=False, description="Server-sent events; not supported yet.")
+    style: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+
+    # --- sd35 extensions (not part of the OpenAI API) ---
+    seed: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses seed + i. Same seed and parameters, same image.",
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="What to avoid; only used when guidance_scale > 1."
+    )
+    num_inference_steps: StrictInt | None = Field(
+        default=None, ge=1, le=50, description="Denoising steps, 1–50 (default: the model's, 4 for Turbo)."
+    )
+    guidance_scale: StrictFloat | None = Field(
+        default=None, ge=0, le=20, description="Classifier-free guidance, 0–20 (default: the model's, 0 for Turbo)."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain some text, not only whitespace")
+        return prompt
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_supported(cls, size: str | None) -> str | None:
+        if size is not None:
+            parse_size(size)
+        return size
+
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) to generate."""
+        return parse_size(self.size or "auto")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(default=None, description="The image, base64-encoded.")
+    url: str | None = Field(default=None, description="Where to fetch the image, without an API key.")
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time in seconds.")
+    data: list[ImageData]
+    background: Literal["transparent", "opaque"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    quality: str | None = None
+    size: str | None = Field(default=None, examples=["1024x1024"])
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "degraded"]
+    model_loaded: bool
+    model: str
+    detail: str | None = Field(default=None, description="Why the model is not loaded yet, or why loading failed.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,181 @@
+"""A tiny, randomly initialised Stable Diffusion 3 pipeline.
+
+The real SD3.5 weights are gated, many gigabytes and need the Hugging Face hub.
+Offline tests and ``make demo`` need something that loads through the very same
+``StableDiffusion3Pipeline.from_pretrained`` path, runs in milliseconds on a CPU
+and fits in a couple of megabytes; its images are noise, but deterministic noise.
+
+    python -m sd35.tiny DIR [--seed N]
+"""
+
+import argparse
+import io
+import os
+import pathlib
+import string
+
+import sentencepiece
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+CLIP_HIDDEN = 32
+CLIP_PROJECTION = 16
+# The pipeline zero-pads the two concatenated CLIP hidden states up to the T5
+# width, so T5 must be at least as wide as both of them together.
+T5_WIDTH = 2 * CLIP_HIDDEN
+# 2048 px / VAE factor 8 / patch 2 = 128 patches per side: the largest size served.
+POS_EMBED_MAX_SIZE = 128
+
+# Gives the T5 tokenizer real multi-character pieces and every printable ASCII character.
+T5_CORPUS = (
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a fox in a snowy forest at dawn",
+    "portrait of an old sailor, dramatic lighting, highly detailed, 8k",
+    "a cat sitting on a red sofa next to a window with plants",
+    "cyberpunk city street at night with neon signs and rain",
+    "a bowl of ramen with chopsticks, studio photograph",
+    string.ascii_letters + string.digits + string.punctuation,
+)
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    # Without merges, byte-level BPE spells every word out symbol by symbol, so
+    # the vocabulary is just the 256 byte symbols, their word-final forms and the
+    # two specials; any prompt still tokenizes.
+    byte = list(bytes_to_unicode().values())
+    tokens = [*byte, *(b + "</w>" for b in byte), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer(seed: int) -> T5Tokenizer:
+    # Trained in memory and handed over as (piece, score) pairs: loading a
+    # spiece.model file would need protobuf.
+    model = io.BytesIO()
+    sentencepiece.set_random_generator_seed(seed)
+    with open(os.devnull, "w") as quiet:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(T5_CORPUS),
+            model_writer=model,
+            logstream=quiet,
+            model_type="unigram",
+            vocab_size=256,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            # T5's layout: <pad>=0, </s>=1, <unk>=2, no <s>.
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            # The tokenizers backend gets no precompiled normalizer, so train on raw text.
+            normalization_rule_name="identity",
+            num_threads=1,
+        )
+    spm = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(spm.id_to_piece(i), spm.get_score(i)) for i in range(len(spm))]
+    # Sentinels go at the end in reverse, as in the real T5 vocabulary.
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))]
+    return T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=512)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """Build the tiny pipeline in memory; the same seed gives the same weights."""
+    tokenizer, tokenizer_3 = _clip_tokenizer(), _t5_tokenizer(seed)
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=CLIP_PROJECTION,
+        max_position_embeddings=77,
+        # Pooling reads the first <|endoftext|>; CLIP's default ids are off this vocab.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_3),
+        d_model=T5_WIDTH,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+    )
+    # A private RNG stream: same weights for the same seed, caller's RNG untouched.
+    # eval() as from_pretrained does, or T5's dropout randomises in-memory output.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # The defaults already match SD3: patch 2, 16 latent channels, 1024 px.
+        transformer = SD3Transformer2DModel(
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=T5_WIDTH,
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * CLIP_PROJECTION,
+            pos_embed_max_size=POS_EMBED_MAX_SIZE,
+            qk_norm="rms_norm",
+        ).eval()
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            norm_num_groups=4,
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+        text_encoders = [CLIPTextModelWithProjection(clip_config).eval() for _ in range(2)]
+        text_encoder_3 = T5EncoderModel(t5_config).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        text_encoder_3=text_encoder_3,
+        tokenizer=tokenizer,
+        tokenizer_2=_clip_tokenizer(),
+        tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def write_tiny_pipeline(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Save the tiny pipeline to ``directory`` (created or overwritten) and return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    build_tiny_pipeline(seed).save_pretrained(directory)
+    # diffusers writes weights as 0600; a container's non-root user must read them.
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write a tiny random SD3 pipeline to DIR.")
+    parser.add_argument("directory", metavar="DIR", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_tiny_pipeline(args.directory, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

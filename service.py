@@ -1,0 +1,54 @@
+"""BentoML wiring for sd35: configuration, the engine, the OpenAI app, middleware. No logic here."""
+
+from __future__ import annotations
+
+import sys
+
+import bentoml
+
+from sd35.api import create_app
+from sd35.auth import BearerAuthMiddleware
+from sd35.config import ConfigError, load_settings
+from sd35.middleware import BodySizeLimitMiddleware, OpenAIErrorMiddleware
+
+try:
+    settings = load_settings()
+except ConfigError as exc:
+    sys.exit(f"sd35: configuration error: {exc}")
+
+app = create_app()
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="sd35",
+    resources={"gpu": 1},
+    http={"host": settings.host, "port": settings.port},
+    traffic={"timeout": settings.request_timeout + 30},
+)
+class SD35:
+    """Stable Diffusion 3.5 behind the OpenAI Images API."""
+
+    def __init__(self) -> None:
+        from sd35.engine import GenerationEngine
+        from sd35.serving import ImageServing
+
+        self.engine = GenerationEngine(settings)
+        self.engine.start()
+        self.serving = ImageServing(settings, self.engine)
+        app.state.serving = self.serving
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.engine.close()
+        self.serving.close()
+
+
+# The first added is the outermost: errors are shaped last, and a request
+# without the key is refused before its body is read.
+SD35.add_asgi_middleware(OpenAIErrorMiddleware)
+SD35.add_asgi_middleware(BearerAuthMiddleware, api_keys=settings.api_keys)
+SD35.add_asgi_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -1,0 +1,117 @@
+"""Shared fixtures: the tiny model, in-process service clients, image helpers."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Variables the service reads; cleared so the developer's shell cannot leak in.
+CONFIG_VARS = (
+    "MODEL_ID",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "API_KEY",
+    "HOST",
+    "PORT",
+    "ENABLE_CACHE_DIT",
+    "DEFAULT_NUM_INFERENCE_STEPS",
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEVICE",
+    "MAX_QUEUE_IMAGES",
+    "MAX_BATCH_IMAGES",
+    "REQUEST_TIMEOUT",
+    "MAX_BODY_BYTES",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd35.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+def wait_ready(client: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"service not ready after {timeout} s: {client.get('/health').json()}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def service_client(env: dict[str, str], *, ready: bool = True) -> Iterator[TestClient]:
+    """The whole BentoML service in-process, configured by ``env`` alone."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in CONFIG_VARS:
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        import service
+
+        service = importlib.reload(service)
+        try:
+            with TestClient(service.SD35.to_asgi()) as client:
+                if ready:
+                    wait_ready(client)
+                yield client
+        finally:
+            _forget_bentoml_metrics()
+
+
+def _forget_bentoml_metrics() -> None:
+    """Let the next in-process service register its metrics again.
+
+    BentoML registers its request metrics in the process-wide Prometheus
+    registry each time it builds an app; a real server builds one per worker
+    process, the tests build many in one process.
+    """
+    from prometheus_client import REGISTRY
+
+    for collector, names in list(REGISTRY._collector_to_names.items()):
+        if any(name.startswith("bentoml_") for name in names):
+            REGISTRY.unregister(collector)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir: Path) -> Iterator[TestClient]:
+    """A ready service on the tiny model, authentication off."""
+    with service_client({"MODEL_ID": str(tiny_model_dir)}) as test_client:
+        yield test_client
+
+
+def decode_image(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    image.load()
+    return image
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(decode_image(b64).convert("RGB"), dtype=np.int16)
+
+
+def assert_openai_error(response, status: int, code: str, param: str | None = None) -> dict:
+    """The body is OpenAI's error shape with this status, code and param."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["code"] == code, error
+    assert error["param"] == param, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert "Traceback" not in error["message"] and "/sd35/" not in error["message"], error
+    return error

@@ -1,0 +1,95 @@
+"""Bearer-key authentication: the three exact messages, key rotation, open routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from sd35.auth import BAD_FORMAT, MISSING_HEADER, WRONG_KEY, check_authorization, is_protected
+from tests.conftest import assert_openai_error, service_client
+
+GEN = "/v1/images/generations"
+BODY = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_model_dir: Path) -> Iterator[TestClient]:
+    with service_client({"MODEL_ID": str(tiny_model_dir), "API_KEY": "old-key,new-key"}) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, MISSING_HEADER),
+        ({"Authorization": "new-key"}, BAD_FORMAT),
+        ({"Authorization": "Basic bmV3LWtleQ=="}, BAD_FORMAT),
+        ({"Authorization": "Bearer"}, BAD_FORMAT),
+        ({"Authorization": "Bearer "}, BAD_FORMAT),
+        ({"Authorization": "Bearer new-key extra"}, BAD_FORMAT),
+        ({"Authorization": ""}, BAD_FORMAT),
+        ({"Authorization": "Bearer wrong-key"}, WRONG_KEY),
+        ({"Authorization": "Bearer new-key2"}, WRONG_KEY),
+        ({"Authorization": "Bearer old-key,new-key"}, WRONG_KEY),
+    ],
+)
+def test_refusals_have_the_exact_message(secured: TestClient, headers: dict, message: str) -> None:
+    response = secured.post(GEN, json=BODY, headers=headers)
+    error = assert_openai_error(response, 401, "authentication_error")
+    assert error["message"] == message
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("key", ["old-key", "new-key"])
+def test_every_configured_key_works(secured: TestClient, key: str) -> None:
+    response = secured.post(GEN, json=BODY, headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+
+
+def test_scheme_is_case_insensitive(secured: TestClient) -> None:
+    response = secured.get("/v1/models", headers={"Authorization": "bearer new-key"})
+    assert response.status_code == 200
+
+
+def test_auth_comes_before_validation(secured: TestClient) -> None:
+    response = secured.post(GEN, content=b"{broken", headers={"content-type": "application/json"})
+    assert_openai_error(response, 401, "authentication_error")
+
+
+def test_unknown_v1_routes_need_the_key_too(secured: TestClient) -> None:
+    assert_openai_error(secured.get("/v1/nope"), 401, "authentication_error")
+    response = secured.get("/v1/nope", headers={"Authorization": "Bearer new-key"})
+    assert_openai_error(response, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/health", 200), ("/livez", 200), ("/healthz", 200), ("/readyz", 200), ("/docs", 200), ("/redoc", 200)],
+)
+def test_probes_and_docs_stay_open(secured: TestClient, path: str, status: int) -> None:
+    assert secured.get(path).status_code == status
+
+
+def test_openapi_schema_stays_open(secured: TestClient) -> None:
+    schema = secured.get("/openapi.json").json()
+    assert "/v1/images/generations" in schema["paths"]
+
+
+def test_check_authorization_unit() -> None:
+    keys = (b"k1", b"k2")
+    assert check_authorization(None, keys) == MISSING_HEADER
+    assert check_authorization(b"Bearer k2", keys) is None
+    assert check_authorization(b"Bearer  k1 ", keys) is None
+    assert check_authorization(b"Token k1", keys) == BAD_FORMAT
+    assert check_authorization(b"Bearer k3", keys) == WRONG_KEY
+
+
+def test_only_v1_is_protected() -> None:
+    assert is_protected("/v1")
+    assert is_protected("/v1/images/generations")
+    assert not is_protected("/v1x")
+    assert not is_protected("/health")
+    assert not is_protected("/v1/images/files/abc.png", public_prefixes=("/v1/images/files/",))

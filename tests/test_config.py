@@ -1,0 +1,128 @@
+"""Configuration: every variable, its default, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sd35.config import DEFAULT_MODEL_ID, ConfigError, load_settings, published_defaults
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert settings.model_id == DEFAULT_MODEL_ID
+    assert settings.hf_token is None and settings.api_keys == () and not settings.auth_enabled
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    assert settings.enable_cache_dit is False
+    assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (4, 0.0)
+    assert settings.device == "auto"
+
+
+def test_every_variable_is_read() -> None:
+    settings = load_settings(
+        {
+            "MODEL_ID": "/models/sd35",
+            "HUGGING_FACE_HUB_TOKEN": "hf_b",
+            "API_KEY": " k1 , k2 ",
+            "HOST": "127.0.0.1",
+            "PORT": "9000",
+            "ENABLE_CACHE_DIT": "TRUE",
+            "DEFAULT_NUM_INFERENCE_STEPS": "8",
+            "DEFAULT_GUIDANCE_SCALE": "1.5",
+            "DEVICE": "cuda:1",
+            "MAX_QUEUE_IMAGES": "10",
+            "MAX_BATCH_IMAGES": "2",
+            "REQUEST_TIMEOUT": "30",
+            "MAX_BODY_BYTES": "4096",
+        }
+    )
+    assert settings.model_id == "/models/sd35" and settings.hf_token == "hf_b"
+    assert settings.api_keys == ("k1", "k2") and settings.auth_enabled
+    assert (settings.host, settings.port, settings.enable_cache_dit) == ("127.0.0.1", 9000, True)
+    assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (8, 1.5)
+    assert (settings.device, settings.max_queue_images, settings.max_batch_images) == ("cuda:1", 10, 2)
+    assert (settings.request_timeout, settings.max_body_bytes) == (30.0, 4096)
+
+
+def test_hf_token_wins_over_the_long_name() -> None:
+    assert load_settings({"HF_TOKEN": "a", "HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "a"
+    assert load_settings({"HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "b"
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    text = repr(load_settings({"HF_TOKEN": "hf_secret", "API_KEY": "sk-secret"}))
+    assert "secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("model_id", "steps", "guidance"),
+    [
+        ("stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0),
+        ("stabilityai/stable-diffusion-3.5-large", 28, 3.5),
+        ("stabilityai/stable-diffusion-3.5-medium", 40, 4.5),
+        ("/some/local/dir", 4, 0.0),
+    ],
+)
+def test_model_defaults(model_id: str, steps: int, guidance: float) -> None:
+    assert published_defaults(model_id).num_inference_steps == steps
+    settings = load_settings({"MODEL_ID": model_id})
+    assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (steps, guidance)
+
+
+def test_explicit_defaults_override_the_model() -> None:
+    settings = load_settings(
+        {"MODEL_ID": "stabilityai/stable-diffusion-3.5-large", "DEFAULT_NUM_INFERENCE_STEPS": "20"}
+    )
+    assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (20, 3.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "0"),
+        ("PORT", "70000"),
+        ("HOST", "not a host"),
+        ("ENABLE_CACHE_DIT", "maybe"),
+        ("API_KEY", "a,,b"),
+        ("API_KEY", "two words"),
+        ("DEFAULT_NUM_INFERENCE_STEPS", "0"),
+        ("DEFAULT_GUIDANCE_SCALE", "-1"),
+        ("DEVICE", "tpu"),
+        ("MAX_QUEUE_IMAGES", "0"),
+        ("MAX_BATCH_IMAGES", "x"),
+        ("REQUEST_TIMEOUT", "0"),
+        ("MAX_BODY_BYTES", "10"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({name: value})
+    message = str(raised.value)
+    assert message.startswith(f"{name}=") and "\n" not in message
+    assert "expected" in message
+
+
+def test_blank_values_mean_unset() -> None:
+    settings = load_settings({"PORT": "", "API_KEY": "  ", "MODEL_ID": ""})
+    assert (settings.port, settings.api_keys, settings.model_id) == (8000, (), DEFAULT_MODEL_ID)
+
+
+def test_bentoml_serve_stops_with_one_clear_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PORT": "eighty", "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    result = subprocess.run(
+        [str(bentoml), "serve", "service:SD35"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "PORT" in line]
+    assert lines == [
+        "sd35: configuration error: PORT='eighty' is invalid: expected an integer port between 1 and 65535"
+    ]
+    assert "Traceback" not in result.stderr
