@@ -9,12 +9,14 @@ import bentoml
 from sd35.api import create_app
 from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
+from sd35.logs import configure_logging
 from sd35.middleware import BodySizeLimitMiddleware, OpenAIErrorMiddleware
 
 try:
     settings = load_settings()
 except ConfigError as exc:
     sys.exit(f"sd35: configuration error: {exc}")
+configure_logging(settings.log_level)
 
 app = create_app()
 

@@ -64,10 +64,21 @@ class Settings:
     max_batch_images: int = 8
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
+    log_level: str = "INFO"
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    def summary(self) -> str:
+        """The settings worth a start-up log line; never a key or a token."""
+        auth = f"on ({len(self.api_keys)} key{'s' if len(self.api_keys) > 1 else ''})" if self.api_keys else "off"
+        return (
+            f"model={self.model_id} device={self.device} auth={auth} hf_token={'set' if self.hf_token else 'unset'} "
+            f"cache_dit={self.enable_cache_dit} steps={self.default_num_inference_steps} "
+            f"guidance={self.default_guidance_scale} max_batch_images={self.max_batch_images} "
+            f"max_queue_images={self.max_queue_images} request_timeout={self.request_timeout:g}s"
+        )
 
     @property
     def served_model_name(self) -> str:
@@ -127,6 +138,13 @@ def _device(raw: str) -> str:
     raise ValueError
 
 
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError
+    return level
+
+
 def _api_keys(raw: str) -> tuple[str, ...]:
     keys = tuple(key.strip() for key in raw.split(","))
     if any(not key or any(ch.isspace() for ch in key) for key in keys):
@@ -165,4 +183,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_parse(
             env, "MAX_BODY_BYTES", 1 << 20, _bounded(int, 1024, 1 << 30), "a number of bytes between 1024 and 2**30"
         ),
+        log_level=_parse(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     )

@@ -180,7 +180,7 @@ class GenerationEngine:
 
     def _load(self) -> None:
         started = time.monotonic()
-        logger.info("loading %s", self.settings.model_id)
+        logger.info("loading the model: %s", self.settings.summary())
         try:
             self.pipeline, self.device = (self._loader or load_pipeline)(self.settings)
         except Exception as exc:  # any failure must become a reason, never a crash loop

@@ -33,6 +33,7 @@ CONFIG_VARS = (
     "MAX_BATCH_IMAGES",
     "REQUEST_TIMEOUT",
     "MAX_BODY_BYTES",
+    "LOG_LEVEL",
 )
 
 

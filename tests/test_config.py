@@ -40,6 +40,7 @@ def test_every_variable_is_read() -> None:
             "MAX_BATCH_IMAGES": "2",
             "REQUEST_TIMEOUT": "30",
             "MAX_BODY_BYTES": "4096",
+            "LOG_LEVEL": "debug",
         }
     )
     assert settings.model_id == "/models/sd35" and settings.hf_token == "hf_b"
@@ -47,7 +48,7 @@ def test_every_variable_is_read() -> None:
     assert (settings.host, settings.port, settings.enable_cache_dit) == ("127.0.0.1", 9000, True)
     assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (8, 1.5)
     assert (settings.device, settings.max_queue_images, settings.max_batch_images) == ("cuda:1", 10, 2)
-    assert (settings.request_timeout, settings.max_body_bytes) == (30.0, 4096)
+    assert (settings.request_timeout, settings.max_body_bytes, settings.log_level) == (30.0, 4096, "DEBUG")
 
 
 def test_hf_token_wins_over_the_long_name() -> None:
@@ -55,9 +56,11 @@ def test_hf_token_wins_over_the_long_name() -> None:
     assert load_settings({"HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "b"
 
 
-def test_secrets_stay_out_of_repr() -> None:
-    text = repr(load_settings({"HF_TOKEN": "hf_secret", "API_KEY": "sk-secret"}))
-    assert "secret" not in text
+def test_secrets_stay_out_of_repr_and_summary() -> None:
+    settings = load_settings({"HF_TOKEN": "hf_secret", "API_KEY": "sk-secret,sk-secret2"})
+    assert "secret" not in repr(settings)
+    assert "secret" not in settings.summary()
+    assert "auth=on (2 keys)" in settings.summary() and "hf_token=set" in settings.summary()
 
 
 @pytest.mark.parametrize(
@@ -99,6 +102,7 @@ def test_explicit_defaults_override_the_model() -> None:
         ("MAX_BATCH_IMAGES", "x"),
         ("REQUEST_TIMEOUT", "0"),
         ("MAX_BODY_BYTES", "10"),
+        ("LOG_LEVEL", "loud"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

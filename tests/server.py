@@ -1,0 +1,74 @@
+"""Start and stop a real `bentoml serve` process on a loopback port for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(
+    env: dict[str, str], workdir: Path, target: str = "service:SD35", timeout: float = 180
+) -> Iterator[str]:
+    """Serve ``target`` with ``env`` (plus HOST/PORT on loopback); yields the base URL once ready."""
+    port = free_port()
+    log_path = workdir / f"server-{port}.log"
+    full_env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "BENTOML_HOME": str(workdir / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    bentoml = Path(sys.executable).with_name("bentoml")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(bentoml), "serve", target],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready after {timeout} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield base_url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)

@@ -1,0 +1,98 @@
+"""The real thing: `bentoml serve` on a loopback port, called with httpx and the official openai SDK."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import assert_openai_error
+from tests.server import running_server
+
+pytestmark = pytest.mark.server
+
+KEY = "sk-test-key"
+FAST = {"num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = {"MODEL_ID": str(tiny_model_dir), "API_KEY": KEY}
+    with running_server(env, tmp_path_factory.mktemp("server")) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def sdk(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_sdk_generates_pngs_of_the_right_size(sdk: openai.OpenAI) -> None:
+    result = sdk.images.generate(
+        prompt="a watercolor fox", n=2, size="512x512", response_format="b64_json", extra_body={"seed": 7, **FAST}
+    )
+    assert len(result.data) == 2
+    assert result.created > 0
+    for item in result.data:
+        image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert (image.format, image.size) == ("PNG", (512, 512))
+
+
+def test_openai_sdk_with_dall_e_style_arguments(sdk: openai.OpenAI) -> None:
+    result = sdk.images.generate(
+        model="dall-e-3", prompt="a red cube", size="1024x1024", quality="hd", style="natural", user="u1", n=1
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.size == (1024, 1024)
+
+
+def test_wrong_key_raises_authentication_error(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client.images.generate(prompt="a cat", size="256x256")
+    assert raised.value.status_code == 401
+    assert raised.value.code == "authentication_error"
+    assert raised.value.type == "authentication_error"
+    assert raised.value.body["message"] == "Invalid API key"
+
+
+def test_validation_error_reaches_the_sdk(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.images.generate(prompt="a cat", size="1000x1000")
+    assert raised.value.code == "validation_error" and raised.value.param == "size"
+
+
+def test_same_seed_same_bytes_over_http(server: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "a harbour", "size": "256x256", "seed": 99, **FAST}
+    first = httpx.post(f"{server}/v1/images/generations", json=body, headers=headers, timeout=60)
+    second = httpx.post(f"{server}/v1/images/generations", json=body, headers=headers, timeout=60)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["data"][0]["b64_json"] == second.json()["data"][0]["b64_json"]
+
+
+def test_missing_key_and_unknown_route_over_http(server: str) -> None:
+    response = httpx.post(f"{server}/v1/images/generations", json={"prompt": "a"}, timeout=10)
+    assert assert_openai_error(response, 401, "authentication_error")["message"] == "Authorization header is required"
+    response = httpx.get(f"{server}/v1/nope", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert_openai_error(response, 404, "not_found")
+
+
+def test_open_routes_over_http(server: str) -> None:
+    health = httpx.get(f"{server}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["model_loaded"] is True
+    for path in ("/livez", "/readyz", "/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{server}{path}", timeout=10).status_code == 200, path
+    metrics = httpx.get(f"{server}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "bentoml_service_request_total" in metrics.text
+
+
+def test_models_over_http(sdk: openai.OpenAI) -> None:
+    models = sdk.models.list()
+    assert [model.id for model in models.data] == ["tiny-sd3"]
