@@ -2,6 +2,10 @@
 # Every target installs what it needs into .venv first; re-running is quick.
 
 PYTHON   ?= python3
+# make containerize: the image tag, and the torch wheel index (empty = PyPI's
+# CUDA 13 build; https://download.pytorch.org/whl/cu128 for CUDA 12 drivers).
+IMAGE    ?= sd35:latest
+TORCH_INDEX_URL ?=
 VENV     ?= .venv
 HOST     ?= 0.0.0.0
 PORT     ?= 8000
@@ -14,7 +18,7 @@ export HOST PORT
 # Keep BentoML's store and usage tracking out of the user's home.
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install serve demo test lint format clean
+.PHONY: install serve demo test lint format build containerize clean
 
 install: $(STAMP)
 
@@ -44,6 +48,19 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+## build: the Bento (service, sd35/, pinned requirements, Dockerfile) into BentoML's store
+build: install
+	$(BIN)/bentoml build
+
+## containerize: the GPU image $(IMAGE) from the latest Bento (needs Docker)
+# BentoML 1.4.40 re-renders the Dockerfile template in a temporary directory and
+# refuses to read it unless that directory lies under the working directory:
+# TMPDIR keeps it there.
+containerize: build
+	mkdir -p build/tmp
+	TMPDIR="$(CURDIR)/build/tmp" $(BIN)/bentoml containerize sd35:latest --image-tag "$(IMAGE)" \
+		$(if $(TORCH_INDEX_URL),--opt build-arg=TORCH_INDEX_URL=$(TORCH_INDEX_URL))
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,179 @@
+"""The shipped artefacts: the Bento, its Dockerfile, compose and BentoCloud configs — and serving the Bento."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.server import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+SECRET_VALUES = ("hf_sentinel_token_do_not_bake", "sk-sentinel-key-do-not-bake", "hub_sentinel_do_not_bake")
+HF_HOME = "/home/bentoml/.cache/huggingface"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], str, Path]:
+    """`bentoml build` into a temporary store, with secrets in the environment that must not be baked in."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_TOKEN": SECRET_VALUES[0],
+        "API_KEY": SECRET_VALUES[1],
+        "HUGGING_FACE_HUB_TOKEN": SECRET_VALUES[2],
+    }
+    result = subprocess.run(
+        [BENTOML, "build", "-o", "tag"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = re.search(r"__tag__:(\S+)", result.stdout).group(1)
+    name, version = tag.split(":")
+    return env, tag, home / "bentos" / name / version
+
+
+def _instructions(dockerfile: str) -> list[str]:
+    """Dockerfile instructions with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _check_dockerfile(dockerfile: str) -> None:
+    lines = _instructions(dockerfile)
+    assert lines[0].startswith("FROM python:3.11-slim"), lines[0]
+    exposed = [line for line in lines if line.startswith("EXPOSE")]
+    assert "EXPOSE 8000" in exposed and "EXPOSE 3000" not in exposed, exposed
+    healthchecks = [line for line in lines if line.startswith("HEALTHCHECK")]
+    assert len(healthchecks) == 1
+    check = healthchecks[0]
+    assert "/readyz" in check and "${PORT:-8000}" in check and "curl -fsS" in check
+    start_period = int(re.search(r"--start-period=(\d+)s", check).group(1))
+    assert start_period >= 600, "the first start downloads ~30 GB"
+    users = [line for line in lines if line.startswith("USER")]
+    assert users[-1] == "USER bentoml", "the server must run as the non-root user"
+    assert f"ENV HF_HOME={HF_HOME}" in lines
+    assert any(line.startswith("VOLUME") and HF_HOME in line for line in lines)
+    assert any('ln -sfn "$HF_HOME" /root/.cache/huggingface' in line for line in lines)
+    assert any("chown -R bentoml:bentoml /home/bentoml/.cache" in line for line in lines)
+    # The optional CUDA 12 torch comes in before the requirements, which then accept it.
+    torch_step = next(i for i, line in enumerate(lines) if "TORCH_INDEX_URL" in line and line.startswith("RUN"))
+    install_step = next(i for i, line in enumerate(lines) if line.endswith("env/python/install.sh"))
+    assert "ARG TORCH_INDEX_URL=" in lines[:torch_step]
+    assert torch_step < install_step
+    assert lines[-1].startswith("ENTRYPOINT") and "entrypoint.sh" in lines[-1]
+
+
+def test_bento_dockerfile(built: tuple[dict[str, str], str, Path]) -> None:
+    _, _, bento = built
+    _check_dockerfile((bento / "env" / "docker" / "Dockerfile").read_text())
+
+
+def test_dockerfile_that_containerize_renders(built: tuple[dict[str, str], str, Path], tmp_path: Path) -> None:
+    """`bentoml containerize` renders the Dockerfile again (with BuildKit); check that one too.
+
+    It runs the way `make containerize` runs it: with TMPDIR under the working
+    directory, which BentoML 1.4.40 needs to read the template back.
+    """
+    env, tag, _ = built
+    (tmp_path / "tmp").mkdir()
+    env = {**env, "TMPDIR": str(tmp_path / "tmp")}
+    script = (
+        "import bentoml, sys\n"
+        "from bentoml._internal.container import construct_containerfile\n"
+        f"with construct_containerfile(bentoml.get({tag!r}), enable_buildkit=True) as (_, path):\n"
+        "    sys.stdout.write(open(path).read())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_dockerfile(result.stdout)
+
+
+def test_bento_holds_exactly_what_runs(built: tuple[dict[str, str], str, Path]) -> None:
+    _, _, bento = built
+    src = bento / "src"
+    files = {str(path.relative_to(src)) for path in src.rglob("*") if path.is_file()}
+    package = {f"sd35/{path.name}" for path in (ROOT / "sd35").glob("*.py")}
+    assert files == {"service.py", "bentofile.yaml", *package}
+
+
+def test_no_secret_is_baked_in(built: tuple[dict[str, str], str, Path]) -> None:
+    _, _, bento = built
+    for path in bento.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            for secret in SECRET_VALUES:
+                assert secret.encode() not in text, f"{secret} leaked into {path.relative_to(bento)}"
+
+
+def test_bento_yaml(built: tuple[dict[str, str], str, Path]) -> None:
+    _, tag, bento = built
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert info["name"] == "sd35" and tag.startswith("sd35:")
+    assert info["service"] == "service:SD35" and info["entry_service"] == "sd35"
+    assert [service["name"] for service in info["services"]] == ["sd35"]
+    assert info.get("envs") in (None, []), "no environment (and so no secret) is baked into the bento"
+    assert info["docker"]["python_version"] == "3.11"
+
+
+def test_requirements_are_pinned(built: tuple[dict[str, str], str, Path]) -> None:
+    _, _, bento = built
+    lines = [
+        line.strip()
+        for line in (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert "torch==2.13.0" in lines and "bentoml==1.4.40" in lines
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", line) for line in lines), lines
+
+
+def test_compose_file() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["sd35"]
+    assert service["ports"] == ["${PORT:-8000}:8000"]
+    assert f"huggingface-cache:{HF_HOME}" in service["volumes"] and "huggingface-cache" in compose["volumes"]
+    device = service["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    health = service["healthcheck"]
+    assert "http://127.0.0.1:8000/readyz" in health["test"] and int(health["start_period"].rstrip("s")) >= 600
+    assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "MODEL_ID"} <= set(service["environment"])
+    assert all(str(value).startswith("${") for value in service["environment"].values()), "values come from the host"
+
+
+def test_bentocloud_config() -> None:
+    from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    raw = yaml.safe_load((ROOT / "deploy" / "bentocloud.yaml").read_text())
+    config = bentoml_cattr.structure(raw, CreateDeploymentSchema)
+    assert config.name == "sd35" and config.bento == "sd35:latest"
+    assert config.secrets == ["huggingface", "sd35-api-key"]
+    assert not any(env.name in {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY"} for env in config.envs)
+    service = config.services["sd35"]
+    assert service.instance_type and service.instance_type.startswith("gpu.")
+    assert 1 <= service.scaling.min_replicas <= service.scaling.max_replicas
+    assert service.config_overrides["traffic"]["timeout"] > 300, "must outlast REQUEST_TIMEOUT"
+
+
+@pytest.mark.server
+def test_the_built_bento_serves(built: tuple[dict[str, str], str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    env, tag, _ = built
+    server_env = {"BENTOML_HOME": env["BENTOML_HOME"], "MODEL_ID": str(tiny_model_dir)}
+    with running_server(server_env, tmp_path, target=tag) as base_url:
+        response = httpx.post(
+            f"{base_url}/v1/images/generations",
+            json={"prompt": "a boat", "size": "256x256", "num_inference_steps": 1},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 1
