@@ -24,7 +24,9 @@ app = create_app()
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="sd35",
-    resources={"gpu": 1},
+    # One worker per GPU; worker N drives GPU N-1 (see sd35.engine.resolve_device).
+    workers=settings.workers,
+    resources={"gpu": settings.workers},
     http={"host": settings.host, "port": settings.port},
     traffic={"timeout": settings.request_timeout + 30},
 )
@@ -35,7 +37,7 @@ class SD35:
         from sd35.engine import GenerationEngine
         from sd35.serving import ImageServing
 
-        self.engine = GenerationEngine(settings)
+        self.engine = GenerationEngine(settings, worker_index=bentoml.server_context.worker_index or 1)
         self.engine.start()
         self.serving = ImageServing(settings, self.engine)
         app.state.serving = self.serving

@@ -65,6 +65,11 @@ class Settings:
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
     log_level: str = "INFO"
+    memory_mode: str = "full"
+    torch_compile: str = "off"
+    vae_channels_last: bool = False
+    warmup: bool = True
+    workers: int = 1
 
     @property
     def auth_enabled(self) -> bool:
@@ -77,7 +82,9 @@ class Settings:
             f"model={self.model_id} device={self.device} auth={auth} hf_token={'set' if self.hf_token else 'unset'} "
             f"cache_dit={self.enable_cache_dit} steps={self.default_num_inference_steps} "
             f"guidance={self.default_guidance_scale} max_batch_images={self.max_batch_images} "
-            f"max_queue_images={self.max_queue_images} request_timeout={self.request_timeout:g}s"
+            f"max_queue_images={self.max_queue_images} request_timeout={self.request_timeout:g}s "
+            f"memory_mode={self.memory_mode} torch_compile={self.torch_compile} "
+            f"vae_channels_last={self.vae_channels_last} warmup={self.warmup} workers={self.workers}"
         )
 
     @property
@@ -138,6 +145,15 @@ def _device(raw: str) -> str:
     raise ValueError
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError
+        return raw.lower()
+
+    return parse
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -184,4 +200,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "MAX_BODY_BYTES", 1 << 20, _bounded(int, 1024, 1 << 30), "a number of bytes between 1024 and 2**30"
         ),
         log_level=_parse(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+        memory_mode=_parse(
+            env, "MEMORY_MODE", "full", _choice("full", "no_t5", "cpu_offload"), "full, no_t5 or cpu_offload"
+        ),
+        torch_compile=_parse(env, "TORCH_COMPILE", "off", _choice("off", "blocks", "full"), "off, blocks or full"),
+        vae_channels_last=_parse(env, "VAE_CHANNELS_LAST", False, _bool, "true or false"),
+        warmup=_parse(env, "WARMUP", True, _bool, "true or false"),
+        workers=_parse(env, "WORKERS", 1, _bounded(int, 1, 64), "an integer between 1 and 64 (one per GPU)"),
     )

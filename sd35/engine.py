@@ -73,14 +73,58 @@ class EngineStatus:
     detail: str | None
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, worker_index: int = 1) -> str:
+    """The torch device for this worker: with several visible GPUs, worker N takes GPU N-1."""
     import torch
 
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"DEVICE={requested} but no CUDA GPU is visible to this process (check --gpus all)")
     return requested
+
+
+GIB = 1 << 30
+# Working memory beyond the weights for one 1024² batch of a few images
+# (activations, attention, VAE decode), with headroom for the allocator.
+WORKING_MEMORY_BYTES = 6 * GIB
+
+
+def component_bytes(pipe: Any) -> dict[str, int]:
+    """Bytes of parameters and buffers per pipeline component."""
+    import torch
+
+    sizes = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            tensors = [*component.parameters(), *component.buffers()]
+            sizes[name] = sum(t.numel() * t.element_size() for t in tensors)
+    return sizes
+
+
+def check_fits(sizes: dict[str, int], memory_mode: str, free_bytes: int, total_bytes: int, device: str) -> None:
+    """Refuse to start a memory mode that cannot fit, saying which one would."""
+    resident = sum(sizes.values())
+    if memory_mode == "cpu_offload":
+        resident = max(sizes.values(), default=0)
+    need = resident + WORKING_MEMORY_BYTES
+    if need <= free_bytes:
+        return
+    hints = []
+    if memory_mode == "full" and "text_encoder_3" in sizes:
+        hints.append(f"MEMORY_MODE=no_t5 (needs about {(need - sizes['text_encoder_3']) / GIB:.0f} GiB)")
+    if memory_mode != "cpu_offload":
+        hints.append(
+            f"MEMORY_MODE=cpu_offload (needs about {(max(sizes.values()) + WORKING_MEMORY_BYTES) / GIB:.0f} GiB)"
+        )
+    raise RuntimeError(
+        f"MEMORY_MODE={memory_mode} needs about {need / GIB:.0f} GiB on {device} "
+        f"({resident / GIB:.1f} GiB of weights + working memory) but only {free_bytes / GIB:.1f} GiB of "
+        f"{total_bytes / GIB:.1f} GiB is free"
+        + (f"; try {' or '.join(hints)}" if hints else "; free GPU memory or use a larger GPU")
+    )
 
 
 def _looks_like_path(model_id: str) -> bool:
@@ -136,31 +180,50 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
     return f"could not load {model}: {type(exc).__name__}: {exc}"
 
 
-def load_pipeline(settings: Settings) -> tuple[Any, str]:
-    """Load ``MODEL_ID`` onto the chosen device; returns (pipeline, device)."""
+def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
+    """Load ``MODEL_ID`` onto this worker's device, as ``MEMORY_MODE`` says; returns (pipeline, device)."""
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    device = resolve_device(settings.device)
+    from sd35 import acceleration
+
+    device = resolve_device(settings.device, worker_index)
     # bf16 halves memory and runs at full tensor-core speed on GPUs; CPUs run
     # bf16 slowly or not at all, so they get float32.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusion3Pipeline.from_pretrained(settings.model_id, dtype=dtype, token=settings.hf_token)
-    pipe.to(device)
+    # Without T5 the prompt is encoded by the two CLIP models alone: ~9.5 GB
+    # less, and prompts beyond 77 tokens lose their tail.
+    drop_t5 = {"text_encoder_3": None, "tokenizer_3": None} if settings.memory_mode == "no_t5" else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(settings.model_id, dtype=dtype, token=settings.hf_token, **drop_t5)
     pipe.set_progress_bar_config(disable=True)
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(device)
+        check_fits(component_bytes(pipe), settings.memory_mode, free, total, device)
+    if settings.memory_mode == "cpu_offload" and device.startswith("cuda"):
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if settings.vae_channels_last:
+        pipe.vae.to(memory_format=torch.channels_last)
     if settings.enable_cache_dit:
-        from sd35.acceleration import enable_cache_dit
-
-        enable_cache_dit(pipe)
+        acceleration.enable_cache_dit(pipe)
+    if settings.torch_compile != "off":
+        acceleration.compile_transformer(pipe, settings.torch_compile)
     return pipe, device
 
 
 class GenerationEngine:
     """Owns one pipeline; queues, batches and runs generation requests."""
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], tuple[Any, str]] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loader: Callable[[Settings, int], tuple[Any, str]] | None = None,
+        worker_index: int = 1,
+    ) -> None:
         self.settings = settings
         self._loader = loader
+        self.worker_index = worker_index
         self.pipeline: Any = None
         self.device: str | None = None
         self._status = EngineStatus(False, "the model is loading")
@@ -182,7 +245,9 @@ class GenerationEngine:
         started = time.monotonic()
         logger.info("loading the model: %s", self.settings.summary())
         try:
-            self.pipeline, self.device = (self._loader or load_pipeline)(self.settings)
+            self.pipeline, self.device = (self._loader or load_pipeline)(self.settings, self.worker_index)
+            if self.settings.warmup:
+                self._warm_up()
         except Exception as exc:  # any failure must become a reason, never a crash loop
             reason = describe_load_error(exc, self.settings)
             logger.error("model failed to load: %s", reason)
@@ -192,6 +257,27 @@ class GenerationEngine:
         self._worker.start()
         self._status = EngineStatus(True, None)
         logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, time.monotonic() - started)
+
+    def _warm_up(self) -> None:
+        """One generation of the most common shape before reporting ready.
+
+        The first call pays for CUDA kernel selection and, with TORCH_COMPILE,
+        for compilation (minutes); no user request should.
+        """
+        started = time.monotonic()
+        self._status = EngineStatus(False, "the model is loaded and warming up")
+        params = GenerationParams(
+            prompt="warm-up",
+            width=1024,
+            height=1024,
+            num_images=1,
+            seed=0,
+            num_inference_steps=self.settings.default_num_inference_steps,
+            guidance_scale=self.settings.default_guidance_scale,
+        )
+        self._call_pipeline([params])
+        self.batch_sizes.clear()
+        logger.info("warm-up generation took %.1f s", time.monotonic() - started)
 
     @property
     def status(self) -> EngineStatus:
@@ -319,7 +405,7 @@ class GenerationEngine:
             )
             # diffusers' PIL rounding (float32, then ×255, round half to
             # even), done on the device so only uint8 crosses to the host.
-            pixels = (output.images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+            pixels = (output.images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).contiguous().cpu()
         self.batch_sizes.append(len(prompts))
         elapsed = time.monotonic() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(prompts)

@@ -7,6 +7,7 @@ import io
 import re
 from typing import Literal
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -27,9 +28,10 @@ SIZE_RULE = (
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
-# PNG stays lossless whatever the level; level 1 is several times faster than
-# Pillow's default 6 for a file that is typically only a few percent larger, and
-# encoding sits on every response's critical path.
+# PNG stays lossless whatever the level. Measured on a 1024² image (bench/,
+# 2 cores): imagecodecs (libpng + zlib-ng) at level 1 takes ~65 ms, Pillow
+# ~104 ms at level 1 and ~210 ms at its default 6, for files within 15 % of
+# each other; encoding sits on every response's critical path.
 PNG_COMPRESS_LEVEL = 1
 
 
@@ -65,11 +67,11 @@ def encode_image(pixels: np.ndarray, output_format: OutputFormat, compression: i
     quality (for WebP, lossless), lower values trade quality for size. PNG is
     always lossless and ignores it.
     """
+    if output_format == "png":
+        return bytes(imagecodecs.png_encode(np.ascontiguousarray(pixels), level=PNG_COMPRESS_LEVEL))
     image = Image.fromarray(pixels, mode="RGB")
     buffer = io.BytesIO()
-    if output_format == "png":
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif output_format == "jpeg":
+    if output_format == "jpeg":
         image.save(buffer, format="JPEG", quality=max(1, min(compression, 95)), optimize=False)
     elif output_format == "webp":
         if compression >= 100:

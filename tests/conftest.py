@@ -34,6 +34,11 @@ CONFIG_VARS = (
     "REQUEST_TIMEOUT",
     "MAX_BODY_BYTES",
     "LOG_LEVEL",
+    "MEMORY_MODE",
+    "TORCH_COMPILE",
+    "VAE_CHANNELS_LAST",
+    "WARMUP",
+    "WORKERS",
 )
 
 

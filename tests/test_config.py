@@ -22,6 +22,8 @@ def test_defaults() -> None:
     assert settings.enable_cache_dit is False
     assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (4, 0.0)
     assert settings.device == "auto"
+    assert (settings.memory_mode, settings.torch_compile, settings.vae_channels_last) == ("full", "off", False)
+    assert (settings.warmup, settings.workers) == (True, 1)
 
 
 def test_every_variable_is_read() -> None:
@@ -41,6 +43,11 @@ def test_every_variable_is_read() -> None:
             "REQUEST_TIMEOUT": "30",
             "MAX_BODY_BYTES": "4096",
             "LOG_LEVEL": "debug",
+            "MEMORY_MODE": "cpu_offload",
+            "TORCH_COMPILE": "Blocks",
+            "VAE_CHANNELS_LAST": "yes",
+            "WARMUP": "false",
+            "WORKERS": "4",
         }
     )
     assert settings.model_id == "/models/sd35" and settings.hf_token == "hf_b"
@@ -49,6 +56,8 @@ def test_every_variable_is_read() -> None:
     assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (8, 1.5)
     assert (settings.device, settings.max_queue_images, settings.max_batch_images) == ("cuda:1", 10, 2)
     assert (settings.request_timeout, settings.max_body_bytes, settings.log_level) == (30.0, 4096, "DEBUG")
+    assert (settings.memory_mode, settings.torch_compile) == ("cpu_offload", "blocks")
+    assert (settings.vae_channels_last, settings.warmup, settings.workers) == (True, False, 4)
 
 
 def test_hf_token_wins_over_the_long_name() -> None:
@@ -103,6 +112,11 @@ def test_explicit_defaults_override_the_model() -> None:
         ("REQUEST_TIMEOUT", "0"),
         ("MAX_BODY_BYTES", "10"),
         ("LOG_LEVEL", "loud"),
+        ("MEMORY_MODE", "tiny"),
+        ("TORCH_COMPILE", "yes"),
+        ("VAE_CHANNELS_LAST", "2"),
+        ("WARMUP", "sometimes"),
+        ("WORKERS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

@@ -68,9 +68,10 @@ def engine(tiny_pipe: Any) -> Iterator[GenerationEngine]:
 
 @contextmanager
 def running_engine(tiny_pipe: Any, **overrides: Any) -> Iterator[GenerationEngine]:
-    settings = Settings(model_id="tiny", max_batch_images=overrides.pop("max_batch_images", 8), **overrides)
+    overrides.setdefault("warmup", False)
+    settings = Settings(model_id="tiny", **overrides)
     instrumented = InstrumentedPipeline(tiny_pipe)
-    engine = GenerationEngine(settings, loader=lambda _: (instrumented, "cpu"))
+    engine = GenerationEngine(settings, loader=lambda *_: (instrumented, "cpu"))
     engine.start()
     deadline = time.monotonic() + 30
     while not engine.ready:
@@ -239,6 +240,6 @@ def test_timed_out_request_is_dropped_not_run(engine: GenerationEngine) -> None:
 def test_requests_before_load_are_refused(tiny_pipe: Any) -> None:
     from sd35.errors import ModelNotLoadedError
 
-    engine = GenerationEngine(Settings(model_id="tiny"), loader=lambda _: (tiny_pipe, "cpu"))
+    engine = GenerationEngine(Settings(model_id="tiny"), loader=lambda *_: (tiny_pipe, "cpu"))
     with pytest.raises(ModelNotLoadedError, match="loading"):
         engine.submit(params(1))

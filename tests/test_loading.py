@@ -22,9 +22,9 @@ def test_probes_answer_while_loading_then_ready(tiny_model_dir: Path, monkeypatc
     release = threading.Event()
     real_loader = sd35.engine.load_pipeline
 
-    def slow_loader(settings: Settings):
+    def slow_loader(settings: Settings, worker_index: int):
         assert release.wait(60), "test never released the loader"
-        return real_loader(settings)
+        return real_loader(settings, worker_index)
 
     monkeypatch.setattr(sd35.engine, "load_pipeline", slow_loader)
     with service_client({"MODEL_ID": str(tiny_model_dir), "API_KEY": "k"}, ready=False) as client:
