@@ -77,7 +77,9 @@ def encode_image(pixels: np.ndarray, output_format: OutputFormat, compression: i
         if compression >= 100:
             image.save(buffer, format="WEBP", lossless=True, quality=0, method=0)
         else:
-            image.save(buffer, format="WEBP", quality=compression, method=4)
+            # method 0 encodes a 1024² image ~4× faster than Pillow's default 4
+            # (~21 vs ~80 ms) for a file a few tens of KB larger.
+            image.save(buffer, format="WEBP", quality=compression, method=0)
     else:  # pragma: no cover - protocol validation keeps other values out
         raise ValueError(f"unsupported output_format {output_format!r}")
     return buffer.getvalue()

@@ -1,0 +1,162 @@
+"""Benchmark plumbing: the real service in-process behind uvicorn, and concurrent HTTP clients.
+
+The service is BentoML's whole ASGI app (middleware, auth, routing, the
+mounted OpenAI app) served by uvicorn on a loopback port in a background
+thread, so that HTTP and the bare pipeline are measured in the same process
+and the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import torch
+import uvicorn
+
+import sd35.engine
+from sd35.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _forget_bentoml_metrics() -> None:
+    # BentoML registers its request metrics in the process-wide registry once
+    # per app; each benchmark configuration builds a new app.
+    from prometheus_client import REGISTRY
+
+    for collector, names in list(REGISTRY._collector_to_names.items()):
+        if any(name.startswith("bentoml_") for name in names):
+            REGISTRY.unregister(collector)
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = None) -> Iterator[str]:
+    """Serve the sd35 service configured by ``env``; yields its base URL once ready."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    original_loader = sd35.engine.load_pipeline
+    if loader is not None:
+        sd35.engine.load_pipeline = loader
+    try:
+        import service
+
+        service = importlib.reload(service)
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(service.SD35.to_asgi(), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 1800
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200:
+                    break
+            health = None
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                health = httpx.get(f"{base_url}/health", timeout=5).json()
+            if health and "failed" in str(health.get("detail")):
+                raise RuntimeError(f"model failed to load: {health['detail']}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("service not ready in time")
+            time.sleep(0.1)
+        try:
+            yield base_url
+        finally:
+            server.should_exit = True
+            thread.join(60)
+    finally:
+        sd35.engine.load_pipeline = original_loader
+        _forget_bentoml_metrics()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    images: int
+    seconds: float
+    latencies: list[float]
+    statuses: dict[int, int]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies)
+
+    @property
+    def p95(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+async def _load(base_url: str, body: dict[str, Any], clients: int, per_client: int) -> LoadResult:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    images = 0
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal images
+        for i in range(per_client):
+            started = time.perf_counter()
+            response = await http.post("/v1/images/generations", json={**body, "seed": index * 1000 + i})
+            payload = response.json()
+            latencies.append(time.perf_counter() - started)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if response.status_code == 200:
+                images += len(payload["data"])
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(index, http) for index in range(clients)))
+        seconds = time.perf_counter() - started
+    return LoadResult(clients, clients * per_client, images, seconds, latencies, statuses)
+
+
+def load(base_url: str, body: dict[str, Any], clients: int, per_client: int) -> LoadResult:
+    """``clients`` concurrent clients, each sending ``per_client`` requests back to back."""
+    return asyncio.run(_load(base_url, body, clients, per_client))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    )
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
