@@ -9,14 +9,21 @@ import bentoml
 from sd35.api import create_app
 from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
+from sd35.lifecycle import on_termination
 from sd35.logs import configure_logging
-from sd35.middleware import BodySizeLimitMiddleware, OpenAIErrorMiddleware
+from sd35.middleware import (
+    BodySizeLimitMiddleware,
+    OpenAIErrorMiddleware,
+    RequestIdMiddleware,
+    adopt_bentoml_traffic_errors,
+)
 
 try:
     settings = load_settings()
 except ConfigError as exc:
     sys.exit(f"sd35: configuration error: {exc}")
 configure_logging(settings.log_level)
+adopt_bentoml_traffic_errors()
 
 app = create_app()
 
@@ -41,6 +48,7 @@ class SD35:
         self.engine.start()
         self.serving = ImageServing(settings, self.engine)
         app.state.serving = self.serving
+        on_termination(lambda: self.engine.drain(settings.shutdown_grace_seconds))
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
@@ -51,8 +59,21 @@ class SD35:
         self.serving.close()
 
 
-# The first added is the outermost: errors are shaped last, and a request
+# The first added is the outermost: CORS answers preflights and decorates every
+# reply (401s too); errors are shaped after everything inside; a request
 # without the key is refused before its body is read.
+if settings.cors_allow_origins:
+    from starlette.middleware.cors import CORSMiddleware
+
+    SD35.add_asgi_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_allow_origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["authorization", "content-type"],
+        expose_headers=["x-request-id", "retry-after"],
+        max_age=600,
+    )
+SD35.add_asgi_middleware(RequestIdMiddleware)
 SD35.add_asgi_middleware(OpenAIErrorMiddleware)
 SD35.add_asgi_middleware(BearerAuthMiddleware, api_keys=settings.api_keys)
 SD35.add_asgi_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -6,7 +6,10 @@ engine never sees FastAPI.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35.errors import (
     APIError,
+    ClientDisconnectedError,
     MethodNotAllowedError,
     ModelNotLoadedError,
     NotFoundError,
@@ -68,11 +72,72 @@ def validation_error(request: Request, exc: RequestValidationError) -> Validatio
     return ValidationError(f"Invalid value for '{param}': {message[0].lower()}{message[1:]}.", param=param)
 
 
+T = TypeVar("T")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first.
+
+    Cancelling drops the request from the engine's queue, so a client that
+    gives up frees its place instead of having its images made for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    # Let the cancellation reach the engine (its queue) before answering.
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnectedError("The client closed the connection before the images were ready.")
+
+
 def _serving(request: Request) -> ImageServing:
     serving: ImageServing | None = getattr(request.app.state, "serving", None)
     if serving is None:
         raise ModelNotLoadedError("The service is starting.", retry_after=5)
     return serving
+
+
+def _document(app: FastAPI) -> None:
+    """The OpenAPI document as the service really behaves.
+
+    FastAPI documents a 422 for every body it validates; sd35 answers 400 in
+    OpenAI's shape instead. The Bearer scheme is declared on the ``/v1``
+    routes so that Swagger UI's "Authorize" sends the key.
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        components["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The server's API_KEY (if set)."}
+        }
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                if path.startswith("/v1"):
+                    operation["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app() -> FastAPI:
@@ -82,6 +147,8 @@ def create_app() -> FastAPI:
         summary="Stable Diffusion 3.5 Large Turbo behind the OpenAI Images API.",
         version="1.0.0",
     )
+
+    _document(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -116,7 +183,7 @@ def create_app() -> FastAPI:
         summary="Create images from a prompt",
     )
     async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
-        return await _serving(request).generate(body)
+        return await unless_disconnected(request, _serving(request).generate(body))
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]}, tags=["models"])
     async def list_models(request: Request) -> ModelList:

@@ -70,6 +70,8 @@ class Settings:
     vae_channels_last: bool = False
     warmup: bool = True
     workers: int = 1
+    cors_allow_origins: tuple[str, ...] = ()
+    shutdown_grace_seconds: float = 25.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -161,6 +163,14 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip().rstrip("/") for origin in raw.split(","))
+    for origin in origins:
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("://", 1)[1]):
+            raise ValueError
+    return origins
+
+
 def _api_keys(raw: str) -> tuple[str, ...]:
     keys = tuple(key.strip() for key in raw.split(","))
     if any(not key or any(ch.isspace() for ch in key) for key in keys):
@@ -207,4 +217,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         vae_channels_last=_parse(env, "VAE_CHANNELS_LAST", False, _bool, "true or false"),
         warmup=_parse(env, "WARMUP", True, _bool, "true or false"),
         workers=_parse(env, "WORKERS", 1, _bounded(int, 1, 64), "an integer between 1 and 64 (one per GPU)"),
+        cors_allow_origins=_parse(
+            env, "CORS_ALLOW_ORIGINS", (), _origins, "origins such as https://app.example.com, comma-separated, or *"
+        ),
+        shutdown_grace_seconds=_parse(
+            env, "SHUTDOWN_GRACE_SECONDS", 25.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
+        ),
     )

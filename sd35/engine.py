@@ -18,12 +18,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sd35 import metrics
 from sd35.config import DEFAULT_MODEL_ID, Settings
 from sd35.errors import (
     APIError,
@@ -32,7 +33,9 @@ from sd35.errors import (
     ModelNotLoadedError,
     RateLimitError,
     RequestTimeoutError,
+    ServiceUnavailableError,
 )
+from sd35.logs import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class GenerationParams:
 @dataclass
 class _Job:
     params: GenerationParams
+    request_id: str = field(default_factory=REQUEST_ID.get)
     future: concurrent.futures.Future[list[np.ndarray]] = field(default_factory=concurrent.futures.Future)
 
 
@@ -231,6 +235,7 @@ class GenerationEngine:
         self._queued_images = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._draining = False
         self._seconds_per_image = 1.0
         self._worker = threading.Thread(target=self._run_worker, name="sd35-generation", daemon=True)
         self.batch_sizes: list[int] = []
@@ -256,6 +261,7 @@ class GenerationEngine:
             return
         self._worker.start()
         self._status = EngineStatus(True, None)
+        metrics.MODEL_LOADED.inc()
         logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, time.monotonic() - started)
 
     def _warm_up(self) -> None:
@@ -289,8 +295,32 @@ class GenerationEngine:
 
     def close(self) -> None:
         with self._cond:
+            if self.ready and not self._closed:
+                metrics.MODEL_LOADED.dec()
             self._closed = True
             self._cond.notify_all()
+
+    def drain(self, grace_seconds: float) -> None:
+        """Stop taking work; what is queued may still run for ``grace_seconds``, then is refused."""
+        with self._cond:
+            if self._draining:
+                return
+            self._draining = True
+        logger.info("shutting down: no new requests; finishing queued work for up to %g s", grace_seconds)
+        timer = threading.Timer(grace_seconds, self._refuse_pending)
+        timer.daemon = True
+        timer.start()
+
+    def _refuse_pending(self) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+            self._queued_images = 0
+            metrics.QUEUE_IMAGES.set(0)
+        for job in pending:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(
+                    ServiceUnavailableError("The server shut down before this request could run; retry it.")
+                )
 
     # --- requests ----------------------------------------------------------
 
@@ -315,8 +345,11 @@ class GenerationEngine:
             )
         job = _Job(params)
         with self._cond:
-            if self._closed:
-                raise ModelNotLoadedError("The server is shutting down and takes no new requests.")
+            if self._closed or self._draining:
+                raise ServiceUnavailableError(
+                    "The server is shutting down and takes no new requests; retry, another replica may answer.",
+                    retry_after=1,
+                )
             if self._queued_images + params.num_images > self.settings.max_queue_images:
                 raise RateLimitError(
                     f"Too many images are queued ({self._queued_images} of {self.settings.max_queue_images}); "
@@ -325,8 +358,22 @@ class GenerationEngine:
                 )
             self._pending.append(job)
             self._queued_images += params.num_images
+            metrics.QUEUE_IMAGES.set(self._queued_images)
             self._cond.notify()
+        job.future.add_done_callback(self._forget_if_cancelled)
         return job
+
+    def _forget_if_cancelled(self, future: concurrent.futures.Future) -> None:
+        """A request that timed out or whose client left gives its place back at once."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            for job in self._pending:
+                if job.future is future:
+                    self._pending.remove(job)
+                    self._queued_images -= job.params.num_images
+                    metrics.QUEUE_IMAGES.set(self._queued_images)
+                    break
 
     # --- the worker --------------------------------------------------------
 
@@ -345,6 +392,7 @@ class GenerationEngine:
                     batch.append(job)
                     images += job.params.num_images
             self._queued_images -= images
+            metrics.QUEUE_IMAGES.set(self._queued_images)
         # A request that timed out or went away while queued is dropped here,
         # not run for nobody.
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
@@ -359,27 +407,59 @@ class GenerationEngine:
             results = self._call_pipeline([job.params for job in batch])
         except Exception as exc:
             if len(batch) > 1:
-                # Isolate the failure: one bad request must not fail its neighbours.
+                # Isolate the failure: one bad request must not fail its
+                # neighbours, and a batch too large for the GPU may fit in parts.
                 for job in batch:
                     self._run_batch([job])
                 return
-            batch[0].future.set_exception(self._translate(exc))
+            job = batch[0]
+            if job.params.num_images > 1 and self._is_out_of_memory(exc):
+                self._free_memory()
+                self._run_images_one_by_one(job)
+                return
+            job.future.set_exception(self._translate(exc, [job]))
             return
         for job, images in zip(batch, results, strict=True):
             job.future.set_result(images)
 
-    def _translate(self, exc: Exception) -> APIError:
+    def _run_images_one_by_one(self, job: _Job) -> None:
+        """Retry an out-of-memory request image by image (image i keeps seed + i)."""
+        images: list[np.ndarray] = []
+        try:
+            for seed in job.params.seeds():
+                images += self._call_pipeline([replace(job.params, num_images=1, seed=seed)])[0]
+        except Exception as exc:
+            job.future.set_exception(self._translate(exc, [job]))
+            return
+        logger.info("request %s: out of GPU memory as one batch; generated image by image", job.request_id)
+        job.future.set_result(images)
+
+    @staticmethod
+    def _is_out_of_memory(exc: BaseException) -> bool:
         import torch
 
+        return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+    @staticmethod
+    def _free_memory() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _translate(self, exc: Exception, jobs: list[_Job]) -> APIError:
+        ids = ",".join(job.request_id for job in jobs)
         if isinstance(exc, APIError):
             return exc
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-            logger.warning("CUDA out of memory during generation")
+        if self._is_out_of_memory(exc):
+            self._free_memory()
+            logger.warning("request %s: CUDA out of memory during generation", ids)
             return GPUOutOfMemoryError(
                 "The GPU ran out of memory generating these images; try fewer images (n) or a smaller size."
             )
-        logger.error("generation failed", exc_info=exc)
+        # The exception text may quote the prompt: only at DEBUG.
+        logger.error("request %s: generation failed: %s", ids, type(exc).__name__)
+        logger.debug("request %s: generation failure details", ids, exc_info=exc)
         return GenerationFailedError("Image generation failed; the server log has the details.")
 
     def _call_pipeline(self, batch: list[GenerationParams]) -> list[list[np.ndarray]]:
@@ -408,6 +488,8 @@ class GenerationEngine:
             pixels = (output.images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).contiguous().cpu()
         self.batch_sizes.append(len(prompts))
         elapsed = time.monotonic() - started
+        metrics.BATCH_IMAGES.observe(len(prompts))
+        metrics.GENERATION_SECONDS.observe(elapsed)
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(prompts)
         arrays = list(pixels.numpy())
         results, offset = [], 0

@@ -11,6 +11,8 @@ import json
 import logging
 from typing import Any, ClassVar
 
+from sd35 import metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,6 +85,22 @@ class ModelNotLoadedError(APIError):
     retryable = True
 
 
+class ServiceUnavailableError(APIError):
+    """Shutting down: the request can be retried elsewhere."""
+
+    status = 503
+    code = "service_unavailable"
+    retryable = True
+
+
+class ClientDisconnectedError(APIError):
+    """The client went away; nobody reads this response, but logs and metrics count it."""
+
+    status = 499
+    code = "client_disconnected"
+    type = "invalid_request_error"
+
+
 class RequestTimeoutError(APIError):
     status = 504
     code = "timeout"
@@ -94,6 +112,7 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
         # Log the details for the operator; the client gets no traceback or path.
         logger.error("unexpected error", exc_info=exc)
         exc = InternalError("The server had an unexpected error while processing the request.")
+    metrics.ERRORS.labels(exc.code).inc()
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
     headers = {"x-should-retry": "true" if exc.retryable else "false"}
     if exc.retry_after is not None:

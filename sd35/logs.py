@@ -1,11 +1,21 @@
-"""Log lines of the ``sd35`` package, in the same format as BentoML's own."""
+"""Log lines of the ``sd35`` package, in BentoML's format, each with its request id."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 
-_FORMAT = "%(asctime)s [%(levelname)s] [sd35] %(message)s"
+# Set per request by sd35.middleware.RequestIdMiddleware; "-" outside requests.
+REQUEST_ID: ContextVar[str] = ContextVar("sd35_request_id", default="-")
+
+_FORMAT = "%(asctime)s [%(levelname)s] [sd35] [req=%(request_id)s] %(message)s"
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
 
 
 def configure_logging(level: str) -> None:
@@ -15,6 +25,7 @@ def configure_logging(level: str) -> None:
     if not any(getattr(handler, "_sd35", False) for handler in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S%z"))
+        handler.addFilter(_RequestIdFilter())
         handler._sd35 = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     # BentoML's root configuration would print every record a second time.

@@ -9,6 +9,7 @@ enforced before anything parses a body.
 from __future__ import annotations
 
 import json
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,7 +24,9 @@ from sd35.errors import (
     RequestTimeoutError,
     ValidationError,
     error_bytes,
+    error_payload,
 )
+from sd35.logs import REQUEST_ID
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: ValidationError,
@@ -148,3 +151,67 @@ class BodySizeLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _trace_id() -> str | None:
+    """The OpenTelemetry trace id of this request (BentoML's access log prints it as ``trace=``)."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid else None
+
+
+class RequestIdMiddleware:
+    """Gives every request an id: in sd35's log lines and the ``x-request-id`` response header.
+
+    The id is the request's trace id, so BentoML's access log line for the
+    request (``trace=...``) carries the same one; the openai SDKs expose it as
+    ``.request_id``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _trace_id() or uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+def adopt_bentoml_traffic_errors() -> None:
+    """Make BentoML's own 429 and 504 replies OpenAI-shaped.
+
+    BentoML's traffic middlewares (``traffic.max_concurrency`` → 429,
+    ``traffic.timeout`` → 504) sit outside every middleware a service can add
+    and answer ``{"error": "<text>"}``, which the openai SDKs cannot parse into
+    ``.code``. sd35 normally answers first (its queue gives 429s, its
+    REQUEST_TIMEOUT fires before BentoML's), but operators can set those limits
+    (BentoCloud's ``config_overrides``): this swaps the response class that
+    BentoML's traffic module builds its replies with.
+    """
+    from bentoml._internal.server.http import traffic
+    from starlette.responses import JSONResponse
+
+    class OpenAIShapedTrafficResponse(JSONResponse):
+        def __init__(self, content: dict, status_code: int = 200, **kwargs: object) -> None:
+            error_class = _BY_STATUS.get(status_code, InternalError)
+            detail = str(content.get("error", "")) if isinstance(content, dict) else ""
+            exc = error_class(f"{detail or 'The request failed'}.")
+            if status_code == 429:
+                exc.retry_after = 1
+            status, body, headers = error_payload(exc)
+            super().__init__(body, status_code=status, headers=headers)
+
+    traffic.JSONResponse = OpenAIShapedTrafficResponse

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from sd35 import metrics
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams
 from sd35.errors import ValidationError
@@ -69,6 +70,7 @@ class ImageServing:
         encoded = await asyncio.gather(
             *(loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images)
         )
+        metrics.IMAGES_GENERATED.inc(len(encoded))
         return ImagesResponse(
             created=int(time.time()),
             data=[ImageData(b64_json=b64) for b64 in encoded],

@@ -52,7 +52,7 @@ T5_CORPUS = (
 )
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
     # Without merges, byte-level BPE spells every word out symbol by symbol, so
     # the vocabulary is just the 256 byte symbols, their word-final forms and the
     # two specials; any prompt still tokenizes.
@@ -62,7 +62,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _t5_tokenizer(seed: int) -> T5Tokenizer:
+def t5_tokenizer(seed: int) -> T5Tokenizer:
     # Trained in memory and handed over as (piece, score) pairs: loading a
     # spiece.model file would need protobuf.
     model = io.BytesIO()
@@ -94,7 +94,7 @@ def _t5_tokenizer(seed: int) -> T5Tokenizer:
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """Build the tiny pipeline in memory; the same seed gives the same weights."""
-    tokenizer, tokenizer_3 = _clip_tokenizer(), _t5_tokenizer(seed)
+    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer(seed)
     clip_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=CLIP_HIDDEN,
@@ -152,7 +152,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_2=text_encoders[1],
         text_encoder_3=text_encoder_3,
         tokenizer=tokenizer,
-        tokenizer_2=_clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
         tokenizer_3=tokenizer_3,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,11 +24,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 @contextmanager
 def running_server(
     env: dict[str, str], workdir: Path, target: str = "service:SD35", timeout: float = 180
-) -> Iterator[str]:
-    """Serve ``target`` with ``env`` (plus HOST/PORT on loopback); yields the base URL once ready."""
+) -> Iterator[Server]:
+    """Serve ``target`` with ``env`` (plus HOST/PORT on loopback); yields the server once ready."""
     port = free_port()
     log_path = workdir / f"server-{port}.log"
     full_env = {
@@ -63,7 +74,7 @@ def running_server(
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not ready after {timeout} s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.25)
-        yield base_url
+        yield Server(base_url, process, log_path)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

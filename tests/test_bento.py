@@ -169,9 +169,9 @@ def test_bentocloud_config() -> None:
 def test_the_built_bento_serves(built: tuple[dict[str, str], str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
     env, tag, _ = built
     server_env = {"BENTOML_HOME": env["BENTOML_HOME"], "MODEL_ID": str(tiny_model_dir)}
-    with running_server(server_env, tmp_path, target=tag) as base_url:
+    with running_server(server_env, tmp_path, target=tag) as running:
         response = httpx.post(
-            f"{base_url}/v1/images/generations",
+            f"{running.url}/v1/images/generations",
             json={"prompt": "a boat", "size": "256x256", "num_inference_steps": 1},
             timeout=60,
         )

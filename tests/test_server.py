@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,8 @@ FAST = {"num_inference_steps": 2}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {"MODEL_ID": str(tiny_model_dir), "API_KEY": KEY}
-    with running_server(env, tmp_path_factory.mktemp("server")) as base_url:
-        yield base_url
+    with running_server(env, tmp_path_factory.mktemp("server")) as running:
+        yield running.url
 
 
 @pytest.fixture
@@ -96,3 +97,18 @@ def test_open_routes_over_http(server: str) -> None:
 def test_models_over_http(sdk: openai.OpenAI) -> None:
     models = sdk.models.list()
     assert [model.id for model in models.data] == ["tiny-sd3"]
+
+
+def test_workers_setting_starts_one_engine_per_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {"MODEL_ID": str(tiny_model_dir), "WORKERS": "2", "WARMUP": "false"}
+    with running_server(env, tmp_path) as running:
+        for seed in range(4):
+            body = {"prompt": "a kite", "size": "256x256", "seed": seed, "num_inference_steps": 1}
+            assert httpx.post(f"{running.url}/v1/images/generations", json=body, timeout=60).status_code == 200
+        # /readyz may be answered by either worker: wait until both logged their load.
+        deadline = time.monotonic() + 60
+        while running.log_text().count("ready on cpu") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = running.log_text()
+    assert text.count("ready on cpu") == 2, text[-3000:]
+    assert "[entry_service:sd35:1]" in text and "[entry_service:sd35:2]" in text

@@ -1,0 +1,25 @@
+"""Prometheus metrics for operators, served on ``/metrics`` beside BentoML's own.
+
+BentoML runs its workers with ``PROMETHEUS_MULTIPROC_DIR`` set and aggregates
+every worker's samples on ``/metrics``; gauges therefore say how to combine
+workers (``livesum``: the sum over the workers that are alive).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_IMAGES = Gauge(
+    "sd35_queue_images", "Images waiting for the GPU worker (not yet running).", multiprocess_mode="livesum"
+)
+MODEL_LOADED = Gauge("sd35_model_loaded", "Workers whose model is loaded and warmed up.", multiprocess_mode="livesum")
+BATCH_IMAGES = Histogram(
+    "sd35_batch_images", "Images per pipeline call (batching merges requests).", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
+)
+IMAGES_GENERATED = Counter("sd35_images_generated", "Images generated and handed to clients.")
+GENERATION_SECONDS = Histogram(
+    "sd35_generation_seconds",
+    "Seconds per pipeline call (one batch).",
+    buckets=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60),
+)
+ERRORS = Counter("sd35_errors", "Error responses of the OpenAI routes, by code.", ["code"])
