@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,8 @@ def _forget_bentoml_metrics() -> None:
 @contextlib.contextmanager
 def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = None) -> Iterator[str]:
     """Serve the sd35 service configured by ``env``; yields its base URL once ready."""
+    images = tempfile.TemporaryDirectory()
+    env = {"IMAGE_STORE_DIR": images.name, **env}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     original_loader = sd35.engine.load_pipeline
@@ -63,33 +66,36 @@ def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = N
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 1800
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200:
-                    break
-            health = None
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                health = httpx.get(f"{base_url}/health", timeout=5).json()
-            if health and "failed" in str(health.get("detail")):
-                raise RuntimeError(f"model failed to load: {health['detail']}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("service not ready in time")
-            time.sleep(0.1)
         try:
-            yield base_url
+            yield _wait_ready(f"http://127.0.0.1:{port}")
         finally:
             server.should_exit = True
             thread.join(60)
     finally:
         sd35.engine.load_pipeline = original_loader
         _forget_bentoml_metrics()
+        images.cleanup()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _wait_ready(base_url: str, timeout: float = 1800) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200:
+                return base_url
+        health = None
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            health = httpx.get(f"{base_url}/health", timeout=5).json()
+        if health and "failed" in str(health.get("detail")):
+            raise RuntimeError(f"model failed to load: {health['detail']}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("service not ready in time")
+        time.sleep(0.1)
 
 
 @dataclass

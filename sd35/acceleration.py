@@ -38,10 +38,11 @@ def cached_steps(pipe: Any) -> list[int]:
 
 
 def compile_transformer(pipe: Any, mode: str) -> None:
-    """``blocks``: compile each repeated transformer block (fast to compile, one
-    graph reused 38 times); ``full``: the whole transformer (slower to compile).
-    Shapes are marked dynamic so batch sizes and image sizes do not each force
-    a recompilation.
+    """``blocks``: compile each transformer block (fast to compile: the 38
+    blocks of SD3.5 Large share one graph, plus one for the last block, which
+    has no context output); ``full``: the whole transformer (slower to compile).
+    Shapes are dynamic: once the warm-up has seen a second batch size and image
+    size, other sizes reuse the graphs instead of recompiling.
     """
     if mode == "full":
         pipe.transformer.compile(dynamic=True)

@@ -265,14 +265,16 @@ class GenerationEngine:
         logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, time.monotonic() - started)
 
     def _warm_up(self) -> None:
-        """One generation of the most common shape before reporting ready.
+        """Generations of the common shapes before reporting ready.
 
         The first call pays for CUDA kernel selection and, with TORCH_COMPILE,
-        for compilation (minutes); no user request should.
+        for compilation (minutes); no user request should. A compiled graph is
+        first specialised to the shapes it sees, then generalised on the first
+        other batch size or image size: the warm-up shows it both.
         """
         started = time.monotonic()
         self._status = EngineStatus(False, "the model is loaded and warming up")
-        params = GenerationParams(
+        base = GenerationParams(
             prompt="warm-up",
             width=1024,
             height=1024,
@@ -281,9 +283,13 @@ class GenerationEngine:
             num_inference_steps=self.settings.default_num_inference_steps,
             guidance_scale=self.settings.default_guidance_scale,
         )
-        self._call_pipeline([params])
+        shapes = [base]
+        if self.settings.torch_compile != "off":
+            shapes += [replace(base, num_images=2), replace(base, width=768, height=1024)]
+        for params in shapes:
+            self._call_pipeline([params])
         self.batch_sizes.clear()
-        logger.info("warm-up generation took %.1f s", time.monotonic() - started)
+        logger.info("warm-up (%d generations) took %.1f s", len(shapes), time.monotonic() - started)
 
     @property
     def status(self) -> EngineStatus:

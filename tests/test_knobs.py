@@ -117,7 +117,7 @@ def test_warm_up_runs_before_ready(tiny_model_dir: Path) -> None:
     while not engine.ready:
         assert time.monotonic() < deadline, engine.status
         time.sleep(0.02)
-    assert len(seen) == 1
+    assert len(seen) == 1, "without TORCH_COMPILE one shape is enough"
     ready_during_warmup, kwargs = seen[0]
     assert ready_during_warmup is False
     assert (kwargs["width"], kwargs["height"], kwargs["num_inference_steps"]) == (1024, 1024, 4)
@@ -147,3 +147,22 @@ def test_cache_dit_caches_a_step_deterministically(tiny_model_dir: Path, baselin
     other = generate(pipe, GenerationParams(**{**PARAMS.__dict__, "seed": 4, "width": 80}))
     assert other.shape == (64, 80, 3)
     assert np.array_equal(generate(pipe), first), "other requests in between do not leak cache state"
+
+
+def test_compile_warm_up_covers_a_batch_and_another_size(tiny_model_dir: Path) -> None:
+    shapes: list[tuple[int, int, int]] = []
+    pipe, _ = load_pipeline(settings(tiny_model_dir))
+
+    def recording(**kwargs: Any) -> Any:
+        shapes.append((len(kwargs["prompt"]), kwargs["width"], kwargs["height"]))
+        return pipe(**kwargs)
+
+    config = Settings(model_id=str(tiny_model_dir), warmup=True, torch_compile="blocks")
+    engine = GenerationEngine(config, loader=lambda *_: (recording, "cpu"))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert time.monotonic() < deadline, engine.status
+        time.sleep(0.02)
+    engine.close()
+    assert shapes == [(1, 1024, 1024), (2, 1024, 1024), (1, 768, 1024)]
