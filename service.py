@@ -43,10 +43,14 @@ class SD35:
     def __init__(self) -> None:
         from sd35.engine import GenerationEngine
         from sd35.serving import ImageServing
+        from sd35.storage import Sweeper, make_image_store
 
         self.engine = GenerationEngine(settings, worker_index=bentoml.server_context.worker_index or 1)
         self.engine.start()
-        self.serving = ImageServing(settings, self.engine)
+        store = make_image_store(settings)
+        self.sweeper = Sweeper(store)
+        self.sweeper.start()
+        self.serving = ImageServing(settings, self.engine, store)
         app.state.serving = self.serving
         on_termination(lambda: self.engine.drain(settings.shutdown_grace_seconds))
 
@@ -57,6 +61,7 @@ class SD35:
     def shutdown(self) -> None:
         self.engine.close()
         self.serving.close()
+        self.sweeper.stop()
 
 
 # The first added is the outermost: CORS answers preflights and decorates every

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35.errors import (
@@ -101,6 +102,36 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnectedError("The client closed the connection before the images were ready.")
 
 
+_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~\-]+)*$")
+
+
+def _first(value: str | None) -> str | None:
+    return value.split(",")[0].strip() if value else None
+
+
+def public_base_url(request: Request, configured: str | None) -> str:
+    """Where clients reach this service: PUBLIC_BASE_URL, else what the proxy forwarded, else the Host header."""
+    if configured:
+        return configured
+    headers = request.headers
+    forwarded: dict[str, str] = {}
+    for pair in (_first(headers.get("forwarded")) or "").split(";"):
+        key, _, value = pair.partition("=")
+        forwarded[key.strip().lower()] = value.strip().strip('"')
+    scheme = forwarded.get("proto") or _first(headers.get("x-forwarded-proto")) or request.url.scheme
+    host = forwarded.get("host") or _first(headers.get("x-forwarded-host")) or headers.get("host", "")
+    prefix = (_first(headers.get("x-forwarded-prefix")) or "").rstrip("/")
+    # Header values end up in URLs handed to clients: take only well-formed ones.
+    if scheme not in ("http", "https"):
+        scheme = request.url.scheme
+    if not _HOST_RE.match(host):
+        host = headers.get("host", "") if _HOST_RE.match(headers.get("host", "")) else request.url.netloc
+    if not _PREFIX_RE.match(prefix):
+        prefix = ""
+    return f"{scheme}://{host}{prefix}"
+
+
 def _serving(request: Request) -> ImageServing:
     serving: ImageServing | None = getattr(request.app.state, "serving", None)
     if serving is None:
@@ -183,7 +214,29 @@ def create_app() -> FastAPI:
         summary="Create images from a prompt",
     )
     async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
-        return await unless_disconnected(request, _serving(request).generate(body))
+        serving = _serving(request)
+        base_url = public_base_url(request, serving.settings.public_base_url)
+        return await unless_disconnected(request, serving.generate(body, base_url))
+
+    @app.get(
+        "/v1/images/files/{name}",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
+            404: {"model": ErrorResponse, "description": "Unknown, malformed or expired (`not_found`)."},
+        },
+        tags=["images"],
+        summary="Fetch an image returned as a URL (no API key: the URL is the credential)",
+    )
+    async def image_file(name: str, request: Request) -> Response:
+        stored = await asyncio.to_thread(_serving(request).store.get, name)
+        if stored is None:
+            raise NotFoundError("No such image: it never existed, or it expired.")
+        return Response(
+            stored.data,
+            media_type=stored.content_type,
+            headers={"cache-control": f"private, max-age={stored.seconds_left}", "x-content-type-options": "nosniff"},
+        )
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]}, tags=["models"])
     async def list_models(request: Request) -> ModelList:

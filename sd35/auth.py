@@ -15,13 +15,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sd35.errors import AuthenticationError, error_bytes
 
 PROTECTED_PREFIX = "/v1"
+# Images returned as URLs: the unguessable name is the credential, as with
+# OpenAI's own image URLs, so that an <img> tag can load them.
+PUBLIC_PREFIXES = ("/v1/images/files/",)
 
 MISSING_HEADER = "Authorization header is required"
 BAD_FORMAT = "Invalid Authorization header format. Expected 'Bearer <token>'"
 WRONG_KEY = "Invalid API key"
 
 
-def is_protected(path: str, public_prefixes: Iterable[str] = ()) -> bool:
+def is_protected(path: str, public_prefixes: Iterable[str] = PUBLIC_PREFIXES) -> bool:
     """Every ``/v1`` route needs the key, except capability URLs under ``public_prefixes``."""
     if path != PROTECTED_PREFIX and not path.startswith(PROTECTED_PREFIX + "/"):
         return False
@@ -45,7 +48,9 @@ def check_authorization(header: bytes | None, keys: tuple[bytes, ...]) -> str | 
 
 
 class BearerAuthMiddleware:
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str] = (), public_prefixes: Iterable[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, api_keys: Iterable[str] = (), public_prefixes: Iterable[str] = PUBLIC_PREFIXES
+    ) -> None:
         self.app = app
         self.keys = tuple(key.encode() for key in api_keys)
         self.public_prefixes = tuple(public_prefixes)

@@ -72,6 +72,14 @@ class Settings:
     workers: int = 1
     cors_allow_origins: tuple[str, ...] = ()
     shutdown_grace_seconds: float = 25.0
+    public_base_url: str | None = None
+    image_store: str = "local"
+    image_store_dir: Path = field(default_factory=lambda: Path("~/.cache/sd35/images").expanduser())
+    image_ttl_seconds: float = 3600.0
+    image_store_max_bytes: int = 2 << 30
+    image_store_s3_bucket: str | None = None
+    image_store_s3_prefix: str = "sd35/"
+    image_store_s3_endpoint_url: str | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -171,6 +179,19 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _base_url(raw: str) -> str:
+    url = raw.rstrip("/")
+    scheme, _, rest = url.partition("://")
+    if scheme not in {"http", "https"} or not rest or any(ch in rest for ch in "?#\\ "):
+        raise ValueError
+    return url
+
+
+def _s3_prefix(raw: str) -> str:
+    prefix = raw.strip("/")
+    return f"{prefix}/" if prefix else ""
+
+
 def _api_keys(raw: str) -> tuple[str, ...]:
     keys = tuple(key.strip() for key in raw.split(","))
     if any(not key or any(ch.isspace() for ch in key) for key in keys):
@@ -223,4 +244,30 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_grace_seconds=_parse(
             env, "SHUTDOWN_GRACE_SECONDS", 25.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
         ),
+        **_image_store_settings(env),
     )
+
+
+def _image_store_settings(env: Mapping[str, str]) -> dict[str, object]:
+    store = _parse(env, "IMAGE_STORE", "local", _choice("local", "s3"), "local or s3")
+    bucket = _get(env, "IMAGE_STORE_S3_BUCKET")
+    if store == "s3" and not bucket:
+        raise ConfigError("IMAGE_STORE=s3 needs IMAGE_STORE_S3_BUCKET: expected the name of an existing bucket")
+    return {
+        "public_base_url": _parse(
+            env, "PUBLIC_BASE_URL", None, _base_url, "an absolute URL such as https://images.example.com"
+        ),
+        "image_store": store,
+        "image_store_dir": Path(_get(env, "IMAGE_STORE_DIR") or "~/.cache/sd35/images").expanduser(),
+        "image_ttl_seconds": _parse(
+            env, "IMAGE_TTL_SECONDS", 3600.0, _bounded(float, 1, 7 * 86400), "a number of seconds up to 604800"
+        ),
+        "image_store_max_bytes": _parse(
+            env, "IMAGE_STORE_MAX_BYTES", 2 << 30, _bounded(int, 1 << 20, 1 << 50), "a number of bytes ≥ 1048576"
+        ),
+        "image_store_s3_bucket": bucket,
+        "image_store_s3_prefix": _parse(env, "IMAGE_STORE_S3_PREFIX", "sd35/", _s3_prefix, "a key prefix"),
+        "image_store_s3_endpoint_url": _parse(
+            env, "IMAGE_STORE_S3_ENDPOINT_URL", None, _base_url, "an absolute URL such as http://minio:9000"
+        ),
+    }

@@ -74,6 +74,11 @@ class GenerationFailedError(APIError):
     code = "generation_failed"
 
 
+class ImageStoreError(APIError):
+    status = 500
+    code = "image_store_failed"
+
+
 class InternalError(APIError):
     status = 500
     code = "internal_error"

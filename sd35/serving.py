@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import secrets
 import time
@@ -18,21 +19,25 @@ import numpy as np
 from sd35 import metrics
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams
-from sd35.errors import ValidationError
+from sd35.errors import ImageStoreError, ValidationError
 from sd35.imaging import OutputFormat, encode_image, format_size, to_base64
 from sd35.protocol import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+from sd35.storage import ImageStore
+
+logger = logging.getLogger(__name__)
 
 SEED_BITS = 32
 
 
-def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> str:
-    return to_base64(encode_image(pixels, output_format, compression))
+def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> ImageData:
+    return ImageData(b64_json=to_base64(encode_image(pixels, output_format, compression)))
 
 
 class ImageServing:
-    def __init__(self, settings: Settings, engine: GenerationEngine) -> None:
+    def __init__(self, settings: Settings, engine: GenerationEngine, store: ImageStore) -> None:
         self.settings = settings
         self.engine = engine
+        self.store = store
         self.created = int(time.time())
         self._encoders = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="sd35-encode"
@@ -41,10 +46,6 @@ class ImageServing:
     def params_for(self, request: ImageGenerationRequest) -> GenerationParams:
         if request.stream:
             raise ValidationError("stream=true is not supported by this server yet; omit it.", param="stream")
-        if request.response_format == "url":
-            raise ValidationError(
-                "response_format 'url' is not supported by this server yet; use 'b64_json'.", param="response_format"
-            )
         width, height = request.dimensions()
         return GenerationParams(
             prompt=request.prompt,
@@ -61,19 +62,35 @@ class ImageServing:
             ),
         )
 
-    async def generate(self, request: ImageGenerationRequest) -> ImagesResponse:
+    def _encode_url(self, pixels: np.ndarray, output_format: OutputFormat, compression: int, base: str) -> ImageData:
+        data = encode_image(pixels, output_format, compression)
+        try:
+            return ImageData(url=self.store.put(data, output_format, base))
+        except Exception as exc:
+            logger.error("could not store an image: %s: %s", type(exc).__name__, exc)
+            raise ImageStoreError(
+                "The image was generated but could not be stored; try response_format=b64_json."
+            ) from None
+
+    async def generate(self, request: ImageGenerationRequest, base_url: str) -> ImagesResponse:
+        """``base_url``: where this service is reachable from the client, for `url` images."""
         params = self.params_for(request)
         output_format: OutputFormat = request.output_format or "png"
         compression = 100 if request.output_compression is None else request.output_compression
         images = await self.engine.generate(params)
         loop = asyncio.get_running_loop()
-        encoded = await asyncio.gather(
-            *(loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images)
-        )
-        metrics.IMAGES_GENERATED.inc(len(encoded))
+        if request.response_format == "url":
+            jobs = [
+                loop.run_in_executor(self._encoders, self._encode_url, px, output_format, compression, base_url)
+                for px in images
+            ]
+        else:
+            jobs = [loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images]
+        data = await asyncio.gather(*jobs)
+        metrics.IMAGES_GENERATED.inc(len(data))
         return ImagesResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=b64) for b64 in encoded],
+            data=data,
             output_format=output_format,
             size=format_size(params.width, params.height),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,14 @@ CONFIG_VARS = (
     "WORKERS",
     "CORS_ALLOW_ORIGINS",
     "SHUTDOWN_GRACE_SECONDS",
+    "PUBLIC_BASE_URL",
+    "IMAGE_STORE",
+    "IMAGE_STORE_DIR",
+    "IMAGE_TTL_SECONDS",
+    "IMAGE_STORE_MAX_BYTES",
+    "IMAGE_STORE_S3_BUCKET",
+    "IMAGE_STORE_S3_PREFIX",
+    "IMAGE_STORE_S3_ENDPOINT_URL",
 )
 
 
@@ -62,10 +71,10 @@ def wait_ready(client: TestClient, timeout: float = 60) -> None:
 @contextmanager
 def service_client(env: dict[str, str], *, ready: bool = True) -> Iterator[TestClient]:
     """The whole BentoML service in-process, configured by ``env`` alone."""
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as images:
         for name in CONFIG_VARS:
             patch.delenv(name, raising=False)
-        for name, value in env.items():
+        for name, value in {"IMAGE_STORE_DIR": images, **env}.items():
             patch.setenv(name, value)
         import service
 

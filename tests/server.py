@@ -48,6 +48,7 @@ def running_server(
         "BENTOML_HOME": str(workdir / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
+        "IMAGE_STORE_DIR": str(workdir / f"images-{port}"),
         **env,
     }
     bentoml = Path(sys.executable).with_name("bentoml")

@@ -75,10 +75,15 @@ def test_every_v1_route_needs_the_key(secured: TestClient) -> None:
     routes = [(route.path, method) for route in service.app.routes for method in getattr(route, "methods", ())]
     v1 = [(path, method) for path, method in routes if path.startswith("/v1")]
     assert ("/v1/images/generations", "POST") in v1 and ("/v1/models", "GET") in v1
+    # The one deliberate exception: image URLs are capability URLs (the name is the secret).
+    public = {("/v1/images/files/{name}", "GET"), ("/v1/images/files/{name}", "HEAD")}
     for path, method in v1:
         concrete = re.sub(r"\{[^}]+\}", "x", path)
         response = secured.request(method, concrete)
-        assert_openai_error(response, 401, "authentication_error")
+        if (path, method) in public:
+            assert response.status_code == 404
+        else:
+            assert_openai_error(response, 401, "authentication_error")
 
 
 def test_cors_preflight_and_headers_when_configured(secured: TestClient) -> None:

@@ -46,7 +46,6 @@ BAD_FIELDS = [
     ({"prompt": "a", "stream": True}, "stream", "not supported"),
     ({"prompt": "a", "stream": "yes"}, "stream", "valid boolean"),
     ({"prompt": "a", "partial_images": 4}, "partial_images", "less than or equal to 3"),
-    ({"prompt": "a", "response_format": "url"}, "response_format", "not supported"),
 ]
 
 
