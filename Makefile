@@ -18,7 +18,7 @@ export HOST PORT
 # Keep BentoML's store and usage tracking out of the user's home.
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install serve demo test bench lint format build containerize clean
+.PHONY: install serve demo test bench browser lint format build containerize clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ containerize: build
 	mkdir -p build/tmp
 	TMPDIR="$(CURDIR)/build/tmp" $(BIN)/bentoml containerize sd35:latest --image-tag "$(IMAGE)" \
 		$(if $(TORCH_INDEX_URL),--opt build-arg=TORCH_INDEX_URL=$(TORCH_INDEX_URL))
+
+## browser: Debian's chromium for the browser tests (root; they are skipped without it)
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 ## bench: CPU benchmarks on the tiny model → bench/results/cpu-<date>.md (GPU: see bench/README.md)
 bench: install

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import bentoml
@@ -10,7 +12,7 @@ from sd35.api import create_app
 from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
 from sd35.lifecycle import on_termination
-from sd35.logs import configure_logging
+from sd35.logs import configure_logging, ready_line
 from sd35.middleware import (
     BodySizeLimitMiddleware,
     OpenAIErrorMiddleware,
@@ -45,7 +47,12 @@ class SD35:
         from sd35.serving import ImageServing
         from sd35.storage import Sweeper, make_image_store
 
-        self.engine = GenerationEngine(settings, worker_index=bentoml.server_context.worker_index or 1)
+        port = int(os.environ.get("BENTOML_PORT") or settings.port)
+        self.engine = GenerationEngine(
+            settings,
+            worker_index=bentoml.server_context.worker_index or 1,
+            on_ready=lambda seconds: logging.getLogger("sd35").info(ready_line(settings.host, port, seconds)),
+        )
         self.engine.start()
         store = make_image_store(settings)
         self.sweeper = Sweeper(store)

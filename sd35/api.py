@@ -28,6 +28,7 @@ from sd35.errors import (
 )
 from sd35.protocol import ErrorResponse, HealthResponse, ImageGenerationRequest, ImagesResponse, ModelList
 from sd35.serving import ImageServing
+from sd35.web import add_browser_routes
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -177,7 +178,11 @@ def create_app() -> FastAPI:
         title="sd35 — OpenAI-compatible image generation",
         summary="Stable Diffusion 3.5 Large Turbo behind the OpenAI Images API.",
         version="1.0.0",
+        # Served by sd35.web from local assets instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    add_browser_routes(app)
 
     _document(app)
 

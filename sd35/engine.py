@@ -224,10 +224,12 @@ class GenerationEngine:
         settings: Settings,
         loader: Callable[[Settings, int], tuple[Any, str]] | None = None,
         worker_index: int = 1,
+        on_ready: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
         self._loader = loader
         self.worker_index = worker_index
+        self._on_ready = on_ready
         self.pipeline: Any = None
         self.device: str | None = None
         self._status = EngineStatus(False, "the model is loading")
@@ -249,6 +251,14 @@ class GenerationEngine:
     def _load(self) -> None:
         started = time.monotonic()
         logger.info("loading the model: %s", self.settings.summary())
+        if not _looks_like_path(self.settings.model_id):
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            logger.info(
+                "weights come from the Hugging Face Hub into %s (the first start downloads ~30 GB; "
+                "progress bars follow, later starts read the cache)",
+                HF_HUB_CACHE,
+            )
         try:
             self.pipeline, self.device = (self._loader or load_pipeline)(self.settings, self.worker_index)
             if self.settings.warmup:
@@ -262,7 +272,10 @@ class GenerationEngine:
         self._worker.start()
         self._status = EngineStatus(True, None)
         metrics.MODEL_LOADED.inc()
-        logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, seconds)
+        if self._on_ready is not None:
+            self._on_ready(seconds)
 
     def _warm_up(self) -> None:
         """Generations of the common shapes before reporting ready.
@@ -289,7 +302,7 @@ class GenerationEngine:
         for params in shapes:
             self._call_pipeline([params])
         self.batch_sizes.clear()
-        logger.info("warm-up (%d generations) took %.1f s", len(shapes), time.monotonic() - started)
+        logger.info("warm-up took %.1f s (%d shapes)", time.monotonic() - started, len(shapes))
 
     @property
     def status(self) -> EngineStatus:

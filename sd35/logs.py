@@ -30,3 +30,10 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
     # BentoML's root configuration would print every record a second time.
     logger.propagate = False
+
+
+def ready_line(host: str, port: int, seconds: float) -> str:
+    """What a person needs once the service is ready: where to click."""
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    return f"ready in {seconds:.1f} s: playground {base}/ , API docs {base}/docs , OpenAI base URL {base}/v1"

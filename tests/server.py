@@ -36,9 +36,10 @@ class Server:
 
 @contextmanager
 def running_server(
-    env: dict[str, str], workdir: Path, target: str = "service:SD35", timeout: float = 180
+    env: dict[str, str], workdir: Path, target: str = "service:SD35", timeout: float = 180, ready: bool = True
 ) -> Iterator[Server]:
-    """Serve ``target`` with ``env`` (plus HOST/PORT on loopback); yields the server once ready."""
+    """Serve ``target`` with ``env`` (plus HOST/PORT on loopback); yields the server once ready
+    (or, with ``ready=False``, once it answers at all: for a model that is loading or failed)."""
     port = free_port()
     log_path = workdir / f"server-{port}.log"
     full_env = {
@@ -68,7 +69,8 @@ def running_server(
             if process.poll() is not None:
                 raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                probe = httpx.get(f"{base_url}/readyz" if ready else f"{base_url}/livez", timeout=2)
+                if probe.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -104,7 +104,9 @@ def test_bento_holds_exactly_what_runs(built: tuple[dict[str, str], str, Path]) 
     src = bento / "src"
     files = {str(path.relative_to(src)) for path in src.rglob("*") if path.is_file()}
     package = {f"sd35/{path.name}" for path in (ROOT / "sd35").glob("*.py")}
-    assert files == {"service.py", "bentofile.yaml", *package}
+    static = {f"sd35/static/{path.name}" for path in (ROOT / "sd35" / "static").iterdir()}
+    assert static == {"sd35/static/playground.html"}
+    assert files == {"service.py", "bentofile.yaml", *package, *static}
 
 
 def test_no_secret_is_baked_in(built: tuple[dict[str, str], str, Path]) -> None:
