@@ -36,9 +36,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _forget_bentoml_metrics() -> None:
-    # BentoML registers its request metrics in the process-wide registry once
-    # per app; each benchmark configuration builds a new app.
+def forget_bentoml_metrics() -> None:
+    """Let the next in-process service register its metrics again.
+
+    BentoML registers its request metrics in the process-wide Prometheus
+    registry each time it builds an app; a real server builds one per worker
+    process, benchmarks and tests build many in one process.
+    """
     from prometheus_client import REGISTRY
 
     for collector, names in list(REGISTRY._collector_to_names.items()):
@@ -73,7 +77,7 @@ def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = N
             thread.join(60)
     finally:
         sd35.engine.load_pipeline = original_loader
-        _forget_bentoml_metrics()
+        forget_bentoml_metrics()
         images.cleanup()
         for name, value in saved.items():
             if value is None:

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
+from bench.harness import forget_bentoml_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Variables the service reads; cleared so the developer's shell cannot leak in.
@@ -34,6 +36,7 @@ CONFIG_VARS = (
     "MAX_BATCH_IMAGES",
     "REQUEST_TIMEOUT",
     "MAX_BODY_BYTES",
+    "MAX_UPLOAD_BYTES",
     "LOG_LEVEL",
     "MEMORY_MODE",
     "TORCH_COMPILE",
@@ -85,21 +88,7 @@ def service_client(env: dict[str, str], *, ready: bool = True) -> Iterator[TestC
                     wait_ready(client)
                 yield client
         finally:
-            _forget_bentoml_metrics()
-
-
-def _forget_bentoml_metrics() -> None:
-    """Let the next in-process service register its metrics again.
-
-    BentoML registers its request metrics in the process-wide Prometheus
-    registry each time it builds an app; a real server builds one per worker
-    process, the tests build many in one process.
-    """
-    from prometheus_client import REGISTRY
-
-    for collector, names in list(REGISTRY._collector_to_names.items()):
-        if any(name.startswith("bentoml_") for name in names):
-            REGISTRY.unregister(collector)
+            forget_bentoml_metrics()
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
+from bench.harness import free_port
 from sd35.storage import LocalImageStore, S3ImageStore
 from tests.conftest import assert_openai_error, service_client
-from tests.server import free_port, running_server
+from tests.server import running_server
 
 GEN = "/v1/images/generations"
 KEY = "k-url"
