@@ -88,4 +88,9 @@ if settings.cors_allow_origins:
 SD35.add_asgi_middleware(RequestIdMiddleware)
 SD35.add_asgi_middleware(OpenAIErrorMiddleware)
 SD35.add_asgi_middleware(BearerAuthMiddleware, api_keys=settings.api_keys)
-SD35.add_asgi_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+SD35.add_asgi_middleware(
+    BodySizeLimitMiddleware,
+    max_body_bytes=settings.max_body_bytes,
+    max_upload_bytes=settings.max_upload_bytes,
+    upload_paths=("/v1/images/edits", "/v1/images/variations"),
+)

@@ -13,6 +13,28 @@ from __future__ import annotations
 
 from typing import Any
 
+# Linear map from SD3's 16 latent channels (as the sampler holds them) to RGB
+# in [-1, 1], for step previews; ComfyUI's published factors (comfy/latent_formats.py).
+SD3_LATENT_RGB_FACTORS = [
+    [-0.0922, -0.0175, 0.0749],
+    [0.0311, 0.0633, 0.0954],
+    [0.1994, 0.0927, 0.0458],
+    [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496],
+    [-0.0006, 0.1104, 0.0309],
+    [0.0978, 0.0306, 0.0427],
+    [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669],
+    [-0.0488, 0.0130, -0.0268],
+    [0.0922, 0.0988, 0.0951],
+    [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895],
+    [-0.0069, -0.0030, -0.0810],
+    [-0.0596, -0.0465, -0.0293],
+    [-0.1448, -0.1463, -0.1189],
+]
+SD3_LATENT_RGB_BIAS = [0.2394, 0.2135, 0.1925]
+
 WARMUP_STEPS = 2
 CACHED_STEPS = 1
 FN_COMPUTE_BLOCKS = 1
@@ -30,6 +52,21 @@ def enable_cache_dit(pipe: Any) -> None:
         residual_diff_threshold=1.0,
     )
     cache_dit.enable_cache(pipe, cache_config=config)
+
+
+def reset_cache_dit(transformer: Any) -> None:
+    """Start a fresh cache for the next call (a no-op when cache-dit is off).
+
+    cache-dit resets its state at the start of every call of the pipeline class
+    it patched; pipelines made with ``from_pipe`` (image-to-image, inpainting)
+    share the cached transformer but not that reset, so their calls would reuse
+    the previous request's residuals.
+    """
+    manager = getattr(transformer, "_context_manager", None)
+    if manager is None:
+        return
+    for name in getattr(transformer, "_context_names", []):
+        manager.reset_context(name, **dict(transformer._context_kwargs))
 
 
 def cached_steps(pipe: Any) -> list[int]:

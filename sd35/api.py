@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError as PydanticValidationError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35.errors import (
@@ -26,7 +28,17 @@ from sd35.errors import (
     ValidationError,
     error_payload,
 )
-from sd35.protocol import ErrorResponse, HealthResponse, ImageGenerationRequest, ImagesResponse, ModelList
+from sd35.protocol import (
+    ErrorResponse,
+    HealthResponse,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageStreamEvent,
+    ImageVariationRequest,
+    ModelList,
+    StreamErrorEvent,
+)
 from sd35.serving import ImageServing
 from sd35.web import add_browser_routes
 
@@ -43,6 +55,36 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+_STREAMING = {
+    200: {
+        "description": "The images; with `stream: true`, server-sent events "
+        "(`*.partial_image` events, then one `*.completed` event per image).",
+        "content": {
+            "text/event-stream": {
+                # One server-sent event: its name, and its data - JSON of one of the event models.
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "anyOf": [
+                                    {"$ref": "#/components/schemas/ImageStreamEvent"},
+                                    {"$ref": "#/components/schemas/StreamErrorEvent"},
+                                ]
+                            },
+                        },
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     status, body, headers = error_payload(exc)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -53,7 +95,7 @@ def _is_json(request: Request) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-def validation_error(request: Request, exc: RequestValidationError) -> ValidationError:
+def validation_error(request: Request, exc: RequestValidationError | PydanticValidationError) -> ValidationError:
     """The first problem of a failed validation, phrased for a person, with the field as ``param``."""
     error = exc.errors()[0]
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
@@ -103,6 +145,35 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnectedError("The client closed the connection before the images were ready.")
 
 
+async def _until_disconnected(request: Request, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Relay ``events``, cancelling them as soon as the client goes away, even while nothing is being sent."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(events))
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+                return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        watcher.cancel()
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def event_stream(request: Request, events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        _until_disconnected(request, events),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~\-]+)*$")
 
@@ -133,6 +204,56 @@ def public_base_url(request: Request, configured: str | None) -> str:
     return f"{scheme}://{host}{prefix}"
 
 
+MAX_UPLOAD_FILES = 16
+
+
+def _multipart_schema(model: type, files: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
+    """OpenAPI for a multipart form: the model's fields plus the files (FastAPI cannot infer it from a raw form)."""
+    schema = model.model_json_schema()
+    properties = {**files, **schema["properties"]}
+    form = {"type": "object", "properties": properties, "required": required + schema.get("required", [])}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
+BINARY = {"type": "string", "format": "binary"}
+EDIT_FILES = {
+    "image": {
+        **BINARY,
+        "description": "The image to edit (PNG, JPEG or WebP). Also accepted as `image[]`, "
+        "several times: the first is edited.",
+    },
+    "mask": {
+        **BINARY,
+        "description": "PNG of the same size: transparent pixels (or, without alpha, white pixels) "
+        "are repainted. Without it the edit is image-to-image over the whole picture.",
+    },
+}
+VARIATION_FILES = {"image": {**BINARY, "description": "The image to vary (PNG, JPEG or WebP)."}}
+
+
+async def read_form(request: Request, model: type[ImageEditRequest] | type[ImageVariationRequest]):
+    """Form fields validated by ``model``, the uploaded images (name, bytes) and the mask bytes."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ValidationError("The request body must be multipart/form-data, with the image as a file field 'image'.")
+    form = await request.form(max_files=MAX_UPLOAD_FILES + 1, max_fields=100)
+    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    for name in ("image", "image[]", "mask"):
+        if isinstance(fields.get(name), str):
+            raise ValidationError(f"'{name}' must be a file upload, not a text field.", param=name.rstrip("[]"))
+    try:
+        parsed = model.model_validate(fields)
+    except PydanticValidationError as exc:
+        raise validation_error(request, exc) from None
+    uploads = [value for name in ("image", "image[]") for value in form.getlist(name) if isinstance(value, UploadFile)]
+    if len(uploads) > MAX_UPLOAD_FILES:
+        raise ValidationError(f"At most {MAX_UPLOAD_FILES} images can be sent.", param="image")
+    images = [(f"image[{i}]" if len(uploads) > 1 else "image", await upload.read()) for i, upload in enumerate(uploads)]
+    mask = form.get("mask")
+    mask_bytes = await mask.read() if isinstance(mask, UploadFile) else None
+    return parsed, images, mask_bytes
+
+
 def _serving(request: Request) -> ImageServing:
     serving: ImageServing | None = getattr(request.app.state, "serving", None)
     if serving is None:
@@ -158,6 +279,11 @@ def _document(app: FastAPI) -> None:
         components = schema.setdefault("components", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.get("schemas", {}).pop(name, None)
+        schemas = components.setdefault("schemas", {})
+        for model in (ImageStreamEvent, StreamErrorEvent):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(definition.pop("$defs", {}))
+            schemas[model.__name__] = definition
         components["securitySchemes"] = {
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The server's API_KEY (if set)."}
         }
@@ -214,14 +340,49 @@ def create_app() -> FastAPI:
         "/v1/images/generations",
         response_model=ImagesResponse,
         response_model_exclude_none=True,
-        responses=_ERRORS,
+        responses={**_STREAMING, **_ERRORS},
         tags=["images"],
         summary="Create images from a prompt",
     )
-    async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+    async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse | StreamingResponse:
         serving = _serving(request)
+        if body.stream:
+            return event_stream(request, serving.stream(serving.params_for(body), body, "image_generation"))
         base_url = public_base_url(request, serving.settings.public_base_url)
         return await unless_disconnected(request, serving.generate(body, base_url))
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses={**_STREAMING, **_ERRORS},
+        tags=["images"],
+        summary="Edit an image: image-to-image, or inpainting with a mask",
+        openapi_extra=_multipart_schema(ImageEditRequest, EDIT_FILES, ["image"]),
+    )
+    async def edit_images(request: Request) -> ImagesResponse | StreamingResponse:
+        serving = _serving(request)
+        parsed, images, mask = await read_form(request, ImageEditRequest)
+        if parsed.stream:
+            params = await asyncio.to_thread(serving.edit_params, parsed, images, mask)
+            return event_stream(request, serving.stream(params, parsed, "image_edit"))
+        base_url = public_base_url(request, serving.settings.public_base_url)
+        return await unless_disconnected(request, serving.edit(parsed, images, mask, base_url))
+
+    @app.post(
+        "/v1/images/variations",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        tags=["images"],
+        summary="Create variations of an image",
+        openapi_extra=_multipart_schema(ImageVariationRequest, VARIATION_FILES, ["image"]),
+    )
+    async def image_variations(request: Request) -> ImagesResponse:
+        serving = _serving(request)
+        parsed, images, _ = await read_form(request, ImageVariationRequest)
+        base_url = public_base_url(request, serving.settings.public_base_url)
+        return await unless_disconnected(request, serving.edit(parsed, images[:1], None, base_url))
 
     @app.get(
         "/v1/images/files/{name}",

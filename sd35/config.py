@@ -64,6 +64,7 @@ class Settings:
     max_batch_images: int = 8
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
     log_level: str = "INFO"
     memory_mode: str = "full"
     torch_compile: str = "off"
@@ -229,6 +230,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         max_body_bytes=_parse(
             env, "MAX_BODY_BYTES", 1 << 20, _bounded(int, 1024, 1 << 30), "a number of bytes between 1024 and 2**30"
+        ),
+        max_upload_bytes=_parse(
+            env, "MAX_UPLOAD_BYTES", 64 << 20, _bounded(int, 1024, 1 << 32), "a number of bytes between 1024 and 2**32"
         ),
         log_level=_parse(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
         memory_mode=_parse(

@@ -54,11 +54,35 @@ class GenerationParams:
     num_inference_steps: int
     guidance_scale: float
     negative_prompt: str | None = None
+    # Edits: the input (H, W, 3) uint8 at the output size; a repaint mask
+    # (H, W) bool turns image-to-image into inpainting.
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
+    # Streaming: this many previews per image, handed to on_preview(image
+    # index, preview index, (h/8, w/8, 3) uint8) from the GPU worker.
+    partial_images: int = 0
+    on_preview: Callable[[int, int, np.ndarray], None] | None = field(default=None, compare=False, repr=False)
+
+    def preview_steps(self) -> list[int]:
+        """Denoising steps after which a preview is taken, spread over the run (never the last)."""
+        steps = self.num_inference_steps
+        if self.init_image is not None:  # image-to-image runs only the last part of the schedule
+            steps -= int(steps - steps * self.strength)
+        chosen = {round((j + 1) * steps / (self.partial_images + 1)) - 1 for j in range(self.partial_images)}
+        return sorted(step for step in chosen if 0 <= step < steps - 1)
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float]:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+    def mode(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can share one pipeline call (an edit only with itself)."""
+        shape = (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        return shape if self.init_image is None else (*shape, self.mode, id(self))
 
     def seeds(self) -> list[int]:
         return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
@@ -216,6 +240,15 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
     return pipe, device
 
 
+def _offsets(batch: list[GenerationParams]) -> list[int]:
+    """Where each request's images start in the batch."""
+    offsets, total = [], 0
+    for params in batch:
+        offsets.append(total)
+        total += params.num_images
+    return offsets
+
+
 class GenerationEngine:
     """Owns one pipeline; queues, batches and runs generation requests."""
 
@@ -240,6 +273,7 @@ class GenerationEngine:
         self._draining = False
         self._seconds_per_image = 1.0
         self._worker = threading.Thread(target=self._run_worker, name="sd35-generation", daemon=True)
+        self._edit_pipelines: dict[str, Any] = {}
         self.batch_sizes: list[int] = []
 
     # --- loading -----------------------------------------------------------
@@ -345,7 +379,15 @@ class GenerationEngine:
 
     async def generate(self, params: GenerationParams, timeout: float | None = None) -> list[np.ndarray]:
         """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order."""
-        job = self.submit(params)
+        return await self.result(self.submit(params), timeout)
+
+    def count_prompt_tokens(self, prompt: str) -> int | None:
+        """Tokens of the prompt as the first text encoder's tokenizer counts them (before truncation)."""
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        return None if tokenizer is None else len(tokenizer(prompt, truncation=False).input_ids)
+
+    async def result(self, job: _Job, timeout: float | None = None) -> list[np.ndarray]:
+        """Wait for a submitted job; a timeout drops it from the queue."""
         timeout = self.settings.request_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
@@ -481,8 +523,25 @@ class GenerationEngine:
         logger.debug("request %s: generation failure details", ids, exc_info=exc)
         return GenerationFailedError("Image generation failed; the server log has the details.")
 
+    def _pipeline_for(self, mode: str) -> Any:
+        """The pipeline of a mode; edit pipelines share every weight with the loaded one (``from_pipe``)."""
+        if mode == "txt2img":
+            return self.pipeline
+        if mode not in self._edit_pipelines:
+            from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
+
+            kind = StableDiffusion3Img2ImgPipeline if mode == "img2img" else StableDiffusion3InpaintPipeline
+            # Without dtype, from_pipe would convert the shared modules - the
+            # loaded pipeline's too - to float32 in place.
+            edit = kind.from_pipe(self.pipeline, dtype=self.pipeline.dtype)
+            edit.set_progress_bar_config(disable=True)
+            self._edit_pipelines[mode] = edit
+        return self._edit_pipelines[mode]
+
     def _call_pipeline(self, batch: list[GenerationParams]) -> list[list[np.ndarray]]:
         import torch
+
+        from sd35 import acceleration
 
         first = batch[0]
         prompts = [p.prompt for p in batch for _ in range(p.num_images)]
@@ -490,21 +549,39 @@ class GenerationEngine:
         # One CPU generator per image: the same seed gives the same noise on
         # any device and at any position in a batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for p in batch for seed in p.seeds()]
+        kwargs: dict[str, Any] = {
+            "prompt": prompts,
+            "negative_prompt": negatives if first.guidance_scale > 1 else None,
+            "height": first.height,
+            "width": first.width,
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": generators,
+            "output_type": "pt",
+        }
+        pipe = self._pipeline_for(first.mode)
+        if first.mode != "txt2img":
+            from PIL import Image
+
+            kwargs["image"] = [Image.fromarray(first.init_image)] * len(prompts)
+            kwargs["strength"] = first.strength
+            # cache-dit resets its state per call only for the pipeline class
+            # it patched; a from_pipe pipeline would inherit the last call's.
+            acceleration.reset_cache_dit(pipe.transformer)
+        if first.mode == "inpaint":
+            kwargs["mask_image"] = [Image.fromarray(first.mask.astype(np.uint8) * 255)] * len(prompts)
+            kwargs["output_type"] = "latent"
+        if any(p.partial_images and p.on_preview for p in batch):
+            kwargs["callback_on_step_end"] = self._previewer(batch)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         started = time.monotonic()
         with torch.inference_mode():
-            output = self.pipeline(
-                prompt=prompts,
-                negative_prompt=negatives if first.guidance_scale > 1 else None,
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                output_type="pt",
-            )
+            images = pipe(**kwargs).images
+            if first.mode == "inpaint":
+                images = self._decode_and_overlay(pipe, images, first)
             # diffusers' PIL rounding (float32, then ×255, round half to
             # even), done on the device so only uint8 crosses to the host.
-            pixels = (output.images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).contiguous().cpu()
+            pixels = (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).contiguous().cpu()
         self.batch_sizes.append(len(prompts))
         elapsed = time.monotonic() - started
         metrics.BATCH_IMAGES.observe(len(prompts))
@@ -516,3 +593,51 @@ class GenerationEngine:
             results.append(arrays[offset : offset + params.num_images])
             offset += params.num_images
         return results
+
+    @staticmethod
+    def _previewer(batch: list[GenerationParams]) -> Callable[..., dict]:
+        """A step callback that hands each streaming request previews of its images.
+
+        A full VAE decode per preview would cost a large part of a step; a
+        linear projection of the 16 latent channels to RGB (the factors
+        ComfyUI uses for SD3 previews) costs well under a millisecond.
+        """
+        import torch
+
+        from sd35.acceleration import SD3_LATENT_RGB_BIAS, SD3_LATENT_RGB_FACTORS
+
+        wanted = [(p, p.preview_steps(), offset) for p, offset in zip(batch, _offsets(batch), strict=True)]
+
+        def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            latents = tensors["latents"]
+            factors = torch.tensor(SD3_LATENT_RGB_FACTORS, device=latents.device, dtype=torch.float32)
+            bias = torch.tensor(SD3_LATENT_RGB_BIAS, device=latents.device, dtype=torch.float32)
+            for params, steps, offset in wanted:
+                if params.on_preview is None or step not in steps:
+                    continue
+                chunk = latents[offset : offset + params.num_images].float()
+                rgb = torch.einsum("bchw,cr->bhwr", chunk, factors) + bias
+                previews = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+                for index, preview in enumerate(previews):
+                    params.on_preview(index, steps.index(step), preview)
+            return {}
+
+        return callback
+
+    @staticmethod
+    def _decode_and_overlay(pipe: Any, latents: Any, params: GenerationParams) -> Any:
+        """Decode inpainting latents, then put the original back wherever nothing was to be repainted.
+
+        Decoding here adds the VAE's shift_factor, which diffusers' SD3 inpaint
+        decode leaves out; pasting the original back keeps unmasked pixels
+        exact instead of approximately preserved through the VAE.
+        """
+        import torch
+
+        vae = pipe.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        decoded = vae.decode(latents.to(vae.dtype)).sample
+        generated = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        original = torch.from_numpy(params.init_image).to(generated.device).permute(2, 0, 1).float() / 255
+        repaint = torch.from_numpy(params.mask).to(generated.device)[None, None].float()
+        return repaint * generated + (1 - repaint) * original[None]

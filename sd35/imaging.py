@@ -87,3 +87,75 @@ def encode_image(pixels: np.ndarray, output_format: OutputFormat, compression: i
 
 def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+# --- uploads (edits and variations) -------------------------------------------
+
+MAX_INPUT_PIXELS = 4096 * 4096
+UPLOAD_FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+class UploadError(ValueError):
+    """An uploaded file is not an image this server can use; the message says why."""
+
+
+def read_upload(data: bytes, name: str) -> Image.Image:
+    """Decode an uploaded image, refusing empty, foreign, truncated and oversized files before decoding pixels."""
+    if not data:
+        raise UploadError(f"'{name}' is empty; send a PNG, JPEG or WebP file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in UPLOAD_FORMATS:
+            raise UploadError(f"'{name}' is a {image.format or 'unknown'} file; send a PNG, JPEG or WebP image")
+        # The header says how big the pixels will be: check before decoding
+        # them, so that a small file that expands to gigabytes never does.
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise UploadError(
+                f"'{name}' is {image.width}x{image.height}: it has more than {MAX_INPUT_PIXELS} pixels; "
+                "send a smaller image"
+            )
+        image.load()
+    except UploadError:
+        raise
+    except Image.DecompressionBombError:
+        raise UploadError(f"'{name}' has more than {MAX_INPUT_PIXELS} pixels; send a smaller image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UploadError(f"'{name}' is not a readable PNG, JPEG or WebP image ({type(exc).__name__})") from None
+    return image
+
+
+def auto_size(width: int, height: int) -> tuple[int, int]:
+    """The input's size made valid: same aspect ratio, sides multiples of 16 in range, within the pixel budget."""
+    scale = min(1.0, (MAX_PIXELS / (width * height)) ** 0.5, MAX_SIDE / max(width, height))
+    scale = max(scale, MIN_SIDE / min(width, height))
+
+    def side(value: float) -> int:
+        return int(min(MAX_SIDE, max(MIN_SIDE, round(value * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE)))
+
+    w, h = side(width), side(height)
+    while w * h > MAX_PIXELS:  # rounding up can overshoot the budget by a row of tiles
+        if w >= h:
+            w -= SIDE_MULTIPLE
+        else:
+            h -= SIDE_MULTIPLE
+    return w, h
+
+
+def has_transparency(image: Image.Image) -> bool:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
+
+
+def repaint_mask(mask: Image.Image) -> np.ndarray:
+    """OpenAI's convention: transparent pixels are repainted. A mask without alpha: white is repainted.
+
+    Returns a boolean array, True where the image is to be repainted.
+    """
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        return np.asarray(mask.convert("RGBA").getchannel("A")) < 128
+    return np.asarray(mask.convert("L")) >= 128
+
+
+def fit(image: Image.Image, width: int, height: int, resample: Image.Resampling) -> Image.Image:
+    return image if image.size == (width, height) else image.resize((width, height), resample)

@@ -106,15 +106,17 @@ class BodySizeLimitMiddleware:
     ``Content-Length`` already says so.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int = 0, upload_paths: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self.upload_paths = upload_paths
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, limit: int, setting: str) -> None:
         status, content, headers = error_bytes(
-            ValidationError(
-                f"The request body is larger than the limit of {self.max_body_bytes} bytes (MAX_BODY_BYTES)."
-            )
+            ValidationError(f"The request body is larger than the limit of {limit} bytes ({setting}).")
         )
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -123,9 +125,12 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        upload = scope["path"] in self.upload_paths
+        limit = self.max_upload_bytes if upload else self.max_body_bytes
+        setting = "MAX_UPLOAD_BYTES" if upload else "MAX_BODY_BYTES"
         declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit, setting)
             return
         chunks: list[bytes] = []
         size = 0
@@ -135,8 +140,8 @@ class BodySizeLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit, setting)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

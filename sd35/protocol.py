@@ -45,14 +45,16 @@ class ImageGenerationRequest(BaseModel):
     )
     output_format: Literal["png", "jpeg", "webp"] | None = Field(default="png", description="Image encoding.")
     partial_images: StrictInt | None = Field(
-        default=None, ge=0, le=3, description="Streaming previews; accepted only without `stream`."
+        default=None, ge=0, le=3, description="With `stream`: previews sent before the final image, 0–3."
     )
     quality: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
     response_format: Literal["b64_json", "url"] | None = Field(
         default="b64_json", description="`b64_json` (default) returns the image inline."
     )
     size: str | None = Field(default="1024x1024", description=f"Image size: {SIZE_RULE}.", examples=["1024x1024"])
-    stream: StrictBool | None = Field(default=False, description="Server-sent events; not supported yet.")
+    stream: StrictBool | None = Field(
+        default=False, description="Server-sent events: `image_generation.partial_image`, then `.completed`."
+    )
     style: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
     user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
 
@@ -135,3 +137,96 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class _UploadRequest(BaseModel):
+    """Fields shared by edits and variations (multipart forms: every value arrives as text)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, description="Accepted for compatibility; the served model is used.")
+    n: int | None = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1–4.")
+    response_format: Literal["b64_json", "url"] | None = Field(default="b64_json", description="`b64_json` or `url`.")
+    size: str | None = Field(
+        default="auto", description=f"Output size: {SIZE_RULE}; `auto` keeps the input's aspect ratio."
+    )
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+
+    # --- sd35 extensions (not part of the OpenAI API) ---
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed of the first image; image i: seed + i.")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=50, description="Denoising steps, 1–50.")
+    guidance_scale: float | None = Field(default=None, ge=0, le=20, description="Classifier-free guidance, 0–20.")
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="How much of the input to repaint, (0, 1]: 1 ignores it (default with a mask), "
+        "small values stay close (default 0.6 without a mask).",
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_supported(cls, size: str | None) -> str | None:
+        if size is not None and size.strip().lower() != "auto":
+            parse_size(size)
+        return size
+
+
+class ImageEditRequest(_UploadRequest):
+    """Form fields of ``POST /v1/images/edits`` (besides the files ``image``/``image[]`` and ``mask``)."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the edited image shows.")
+    background: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    input_fidelity: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    moderation: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    output_compression: int | None = Field(default=100, ge=0, le=100, description="0–100 for jpeg and webp.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default="png", description="Image encoding.")
+    quality: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    partial_images: int | None = Field(default=None, ge=0, le=3, description="With `stream`: previews, 0–3.")
+    stream: bool | None = Field(default=False, description="Server-sent events: `image_edit.partial_image`, ...")
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="What to avoid.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain some text, not only whitespace")
+        return prompt
+
+
+class ImageVariationRequest(_UploadRequest):
+    """Form fields of ``POST /v1/images/variations`` (besides the file ``image``)."""
+
+
+class StreamUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    total_tokens: int
+
+
+class ImageStreamEvent(BaseModel):
+    """``data`` of an ``image_generation.*`` / ``image_edit.*`` server-sent event."""
+
+    type: Literal[
+        "image_generation.partial_image",
+        "image_generation.completed",
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    b64_json: str
+    background: Literal["opaque"]
+    created_at: int
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: Literal["auto"]
+    size: str
+    image_index: int = Field(description="sd35 extension: which of the request's n images this event is about.")
+    partial_image_index: int | None = Field(default=None, description="Only on `*.partial_image` events.")
+    usage: StreamUsage | None = Field(default=None, description="Only on `*.completed` events.")
+
+
+class StreamErrorEvent(BaseModel):
+    """``data`` of an ``error`` event: the request failed after the stream had started."""
+
+    type: Literal["error"]
+    error: ErrorDetail

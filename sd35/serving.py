@@ -9,24 +9,53 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import json
 import logging
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
+from PIL import Image
 
 from sd35 import metrics
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams
-from sd35.errors import ImageStoreError, ValidationError
-from sd35.imaging import OutputFormat, encode_image, format_size, to_base64
-from sd35.protocol import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+from sd35.errors import ImageStoreError, ValidationError, error_payload
+from sd35.imaging import (
+    OutputFormat,
+    UploadError,
+    auto_size,
+    encode_image,
+    fit,
+    format_size,
+    has_transparency,
+    parse_size,
+    read_upload,
+    repaint_mask,
+    to_base64,
+)
+from sd35.protocol import (
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    ModelCard,
+    ModelList,
+)
 from sd35.storage import ImageStore
 
 logger = logging.getLogger(__name__)
 
 SEED_BITS = 32
+# Without a mask an edit keeps the input's composition; with one, the masked
+# region is painted anew.
+IMG2IMG_STRENGTH = 0.6
+INPAINT_STRENGTH = 1.0
 
 
 def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> ImageData:
@@ -44,8 +73,6 @@ class ImageServing:
         )
 
     def params_for(self, request: ImageGenerationRequest) -> GenerationParams:
-        if request.stream:
-            raise ValidationError("stream=true is not supported by this server yet; omit it.", param="stream")
         width, height = request.dimensions()
         return GenerationParams(
             prompt=request.prompt,
@@ -53,13 +80,7 @@ class ImageServing:
             width=width,
             height=height,
             num_images=request.n or 1,
-            # Without a seed, draw one: the request is still reproducible from
-            # the log, and batching stays per-image.
-            seed=secrets.randbits(SEED_BITS) if request.seed is None else request.seed,
-            num_inference_steps=request.num_inference_steps or self.settings.default_num_inference_steps,
-            guidance_scale=(
-                self.settings.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
-            ),
+            **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
         )
 
     def _encode_url(self, pixels: np.ndarray, output_format: OutputFormat, compression: int, base: str) -> ImageData:
@@ -72,11 +93,79 @@ class ImageServing:
                 "The image was generated but could not be stored; try response_format=b64_json."
             ) from None
 
+    def _defaults(self, seed: int | None, steps: int | None, guidance: float | None) -> dict:
+        return {
+            # Without a seed, draw one: batching stays per-image.
+            "seed": secrets.randbits(SEED_BITS) if seed is None else seed,
+            "num_inference_steps": steps or self.settings.default_num_inference_steps,
+            "guidance_scale": self.settings.default_guidance_scale if guidance is None else guidance,
+        }
+
+    def edit_params(
+        self, request: ImageEditRequest | ImageVariationRequest, uploads: list[tuple[str, bytes]], mask: bytes | None
+    ) -> GenerationParams:
+        """Decode and check the uploads; the first image is edited (a mask applies to it, as at OpenAI)."""
+        if not uploads:
+            raise ValidationError("Missing required file: 'image' (a PNG, JPEG or WebP image).", param="image")
+        try:
+            images = [read_upload(data, name) for name, data in uploads]
+            mask_image = None if mask is None else read_upload(mask, "mask")
+        except UploadError as exc:
+            param = "mask" if str(exc).startswith("'mask'") else "image"
+            raise ValidationError(f"{exc}.", param=param) from None
+        source = images[0]
+        if mask_image is not None and mask_image.size != source.size:
+            raise ValidationError(
+                f"'mask' is {mask_image.width}x{mask_image.height} but 'image' is {source.width}x{source.height}; "
+                "they must be the same size.",
+                param="mask",
+            )
+        if mask_image is None and isinstance(request, ImageEditRequest) and has_transparency(source):
+            mask_image = source  # OpenAI: without a mask, the image's transparent pixels are repainted
+        size = request.size or "auto"
+        width, height = auto_size(*source.size) if size.strip().lower() == "auto" else parse_size(size)
+        repaint = None
+        if mask_image is not None:
+            repaint = np.array(fit(Image.fromarray(repaint_mask(mask_image)), width, height, Image.NEAREST))
+        strength = request.strength or (IMG2IMG_STRENGTH if repaint is None else INPAINT_STRENGTH)
+        negative = request.negative_prompt if isinstance(request, ImageEditRequest) else None
+        return GenerationParams(
+            prompt=request.prompt if isinstance(request, ImageEditRequest) else "",
+            negative_prompt=negative,
+            width=width,
+            height=height,
+            num_images=request.n or 1,
+            init_image=np.array(fit(source.convert("RGB"), width, height, Image.LANCZOS)),
+            mask=repaint,
+            strength=strength,
+            **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
+        )
+
+    async def edit(
+        self,
+        request: ImageEditRequest | ImageVariationRequest,
+        uploads: list[tuple[str, bytes]],
+        mask: bytes | None,
+        base_url: str,
+    ) -> ImagesResponse:
+        params = await asyncio.get_running_loop().run_in_executor(
+            self._encoders, self.edit_params, request, uploads, mask
+        )
+        return await self._respond(params, request, base_url)
+
     async def generate(self, request: ImageGenerationRequest, base_url: str) -> ImagesResponse:
         """``base_url``: where this service is reachable from the client, for `url` images."""
-        params = self.params_for(request)
-        output_format: OutputFormat = request.output_format or "png"
-        compression = 100 if request.output_compression is None else request.output_compression
+        return await self._respond(self.params_for(request), request, base_url)
+
+    async def _respond(
+        self,
+        params: GenerationParams,
+        request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
+        base_url: str,
+    ) -> ImagesResponse:
+        output_format: OutputFormat = getattr(request, "output_format", None) or "png"
+        compression = getattr(request, "output_compression", None)
+        compression = 100 if compression is None else compression
         images = await self.engine.generate(params)
         loop = asyncio.get_running_loop()
         if request.response_format == "url":
@@ -91,9 +180,86 @@ class ImageServing:
         return ImagesResponse(
             created=int(time.time()),
             data=data,
+            background="opaque",
             output_format=output_format,
             size=format_size(params.width, params.height),
         )
+
+    def stream(
+        self,
+        params: GenerationParams,
+        request: ImageGenerationRequest | ImageEditRequest,
+        kind: str,
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events in OpenAI's shapes: ``<kind>.partial_image`` previews, then ``<kind>.completed``.
+
+        The job is queued before the first byte, so a full queue or a model
+        that is not loaded is still a plain HTTP error. If the client goes
+        away, the stream is cancelled and the job leaves the queue.
+        """
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue[tuple[int, int, np.ndarray]] = asyncio.Queue()
+
+        def on_preview(image: int, index: int, preview: np.ndarray) -> None:
+            loop.call_soon_threadsafe(previews.put_nowait, (image, index, preview))
+
+        params = replace(params, partial_images=request.partial_images or 0, on_preview=on_preview)
+        job = self.engine.submit(params)
+        output_format: OutputFormat = request.output_format or "png"
+        compression = 100 if request.output_compression is None else request.output_compression
+        common = {
+            "background": "opaque",
+            "output_format": output_format,
+            "quality": "auto",
+            "size": format_size(params.width, params.height),
+        }
+
+        def event(name: str, payload: dict) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **payload})}\n\n".encode()
+
+        async def encoded(pixels: np.ndarray) -> str:
+            data = await loop.run_in_executor(self._encoders, encode_image, pixels, output_format, compression)
+            return to_base64(data)
+
+        async def partial(image: int, index: int, preview: np.ndarray) -> bytes:
+            full = np.asarray(Image.fromarray(preview).resize((params.width, params.height), Image.BILINEAR))
+            payload = {"b64_json": await encoded(full), "created_at": int(time.time()), "partial_image_index": index}
+            return event(f"{kind}.partial_image", {**payload, **common, "image_index": image})
+
+        async def events() -> AsyncIterator[bytes]:
+            done = asyncio.ensure_future(self.engine.result(job))
+            try:
+                while not done.done() or not previews.empty():
+                    waiting = asyncio.ensure_future(previews.get())
+                    await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                    if waiting.done():
+                        yield await partial(*waiting.result())
+                    else:
+                        waiting.cancel()
+                try:
+                    images = done.result()
+                except Exception as exc:
+                    _, body, _ = error_payload(exc)
+                    yield event("error", body)
+                    return
+                tokens = self.engine.count_prompt_tokens(params.prompt) or 0
+                usage = {
+                    "input_tokens": tokens,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": tokens},
+                    "output_tokens": 0,
+                    "total_tokens": tokens,
+                }
+                for index, pixels in enumerate(images):
+                    payload = {"b64_json": await encoded(pixels), "created_at": int(time.time()), "usage": usage}
+                    yield event(f"{kind}.completed", {**payload, **common, "image_index": index})
+                metrics.IMAGES_GENERATED.inc(len(images))
+            finally:
+                if not done.done():
+                    done.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await done
+
+        return events()
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.settings.served_model_name, created=self.created, owned_by="sd35")])

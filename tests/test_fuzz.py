@@ -41,6 +41,26 @@ class InstantPipeline:
         return SimpleNamespace(images=torch.zeros(len(prompt), 3, height, width))
 
 
+class InstantEditPipeline(InstantPipeline):
+    """Image-to-image and inpainting stand-ins: inpainting answers latents, which the engine decodes itself."""
+
+    transformer = None
+    vae = SimpleNamespace(
+        config=SimpleNamespace(scaling_factor=1.5305, shift_factor=0.0609),
+        dtype=torch.float32,
+        decode=lambda latents: SimpleNamespace(
+            sample=torch.zeros(len(latents), 3, *(8 * d for d in latents.shape[2:]))
+        ),
+    )
+
+    def __call__(self, *, output_type: str = "pt", **kwargs: Any) -> SimpleNamespace:
+        assert len(kwargs["image"]) == len(kwargs["prompt"]) and 0 < kwargs["strength"] <= 1
+        images = super().__call__(**kwargs).images
+        if output_type == "latent":
+            return SimpleNamespace(images=torch.zeros(len(images), 16, images.shape[2] // 8, images.shape[3] // 8))
+        return SimpleNamespace(images=images)
+
+
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[str]:
     def loader(config: Settings, worker_index: int) -> tuple[Any, str]:
@@ -48,6 +68,10 @@ def fuzz_server() -> Iterator[str]:
 
     env = {"MODEL_ID": "instant", "API_KEY": KEY, "WARMUP": "false", "MAX_QUEUE_IMAGES": "64"}
     with serve(env, loader=loader) as base_url:
+        import service
+
+        edit = InstantEditPipeline()
+        service.app.state.serving.engine._edit_pipelines.update({"img2img": edit, "inpaint": edit})
         yield base_url
 
 

@@ -43,7 +43,6 @@ BAD_FIELDS = [
     ({"prompt": "a", "guidance_scale": -0.5}, "guidance_scale", "greater than or equal to 0"),
     ({"prompt": "a", "guidance_scale": 20.5}, "guidance_scale", "less than or equal to 20"),
     ({"prompt": "a", "guidance_scale": "3"}, "guidance_scale", "valid number"),
-    ({"prompt": "a", "stream": True}, "stream", "not supported"),
     ({"prompt": "a", "stream": "yes"}, "stream", "valid boolean"),
     ({"prompt": "a", "partial_images": 4}, "partial_images", "less than or equal to 3"),
 ]
