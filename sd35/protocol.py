@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from sd35.imaging import SIZE_RULE, parse_size
 
@@ -18,6 +18,14 @@ MAX_PROMPT_CHARS = 4096
 MAX_IMAGES_PER_REQUEST = 4
 MAX_SEED = 2**64 - 1
 
+
+def _has_text(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must contain some text, not only whitespace")
+    return prompt
+
+
+Prompt = Annotated[str, AfterValidator(_has_text)]
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
@@ -28,7 +36,7 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(
+    prompt: Prompt = Field(
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
         description=f"What to draw, 1–{MAX_PROMPT_CHARS} characters.",
@@ -74,13 +82,6 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: StrictFloat | None = Field(
         default=None, ge=0, le=20, description="Classifier-free guidance, 0–20 (default: the model's, 0 for Turbo)."
     )
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_text(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain some text, not only whitespace")
-        return prompt
 
     @field_validator("size")
     @classmethod
@@ -175,7 +176,7 @@ class _UploadRequest(BaseModel):
 class ImageEditRequest(_UploadRequest):
     """Form fields of ``POST /v1/images/edits`` (besides the files ``image``/``image[]`` and ``mask``)."""
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the edited image shows.")
+    prompt: Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the edited image shows.")
     background: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
     input_fidelity: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
     moderation: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
@@ -185,13 +186,6 @@ class ImageEditRequest(_UploadRequest):
     partial_images: int | None = Field(default=None, ge=0, le=3, description="With `stream`: previews, 0–3.")
     stream: bool | None = Field(default=False, description="Server-sent events: `image_edit.partial_image`, ...")
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="What to avoid.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_text(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain some text, not only whitespace")
-        return prompt
 
 
 class ImageVariationRequest(_UploadRequest):
