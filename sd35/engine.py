@@ -34,6 +34,7 @@ from sd35.errors import (
     RateLimitError,
     RequestTimeoutError,
     ServiceUnavailableError,
+    ValidationError,
 )
 from sd35.logs import REQUEST_ID
 
@@ -403,6 +404,12 @@ class GenerationEngine:
             raise ModelNotLoadedError(
                 f"The model is not ready: {status.detail}.",
                 retry_after=None if "failed" in (status.detail or "") else 10,
+            )
+        if params.num_images > self.settings.max_queue_images:
+            raise ValidationError(
+                f"n={params.num_images} is more than this server queues at once "
+                f"(MAX_QUEUE_IMAGES={self.settings.max_queue_images}); ask for fewer images.",
+                param="n",
             )
         job = _Job(params)
         with self._cond:

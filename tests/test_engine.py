@@ -16,7 +16,13 @@ import torch
 
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams
-from sd35.errors import GenerationFailedError, GPUOutOfMemoryError, RateLimitError, RequestTimeoutError
+from sd35.errors import (
+    GenerationFailedError,
+    GPUOutOfMemoryError,
+    RateLimitError,
+    RequestTimeoutError,
+    ValidationError,
+)
 
 
 class InstrumentedPipeline:
@@ -221,6 +227,9 @@ def test_queue_is_bounded(tiny_pipe: Any) -> None:
 
     with running_engine(tiny_pipe, max_queue_images=4) as engine:
         run(flood(engine))
+        with pytest.raises(ValidationError, match="MAX_QUEUE_IMAGES=4") as too_many:
+            engine.submit(params(1, n=5))
+        assert too_many.value.param == "n", "a request larger than the whole queue can never succeed: 400, not 429"
 
 
 def test_timed_out_request_is_dropped_not_run(engine: GenerationEngine) -> None:

@@ -39,11 +39,12 @@ def read_events(response) -> list[tuple[str, dict]]:
     return events
 
 
-def test_stream_with_full_queue_is_a_plain_429(tiny_model_dir: Path) -> None:
+def test_stream_that_cannot_be_queued_is_a_plain_http_error(tiny_model_dir: Path) -> None:
     env = {"MODEL_ID": str(tiny_model_dir), "WARMUP": "false", "MAX_QUEUE_IMAGES": "2"}
     with service_client(env) as client:
         body = {"prompt": "a", "size": "256x256", "n": 4, "stream": True}
-        assert_openai_error(client.post(GEN, json=body), 429, "rate_limit_exceeded")
+        error = assert_openai_error(client.post(GEN, json=body), 400, "validation_error", "n")
+        assert "MAX_QUEUE_IMAGES=2" in error["message"]
 
 
 @pytest.fixture(scope="module")
