@@ -66,7 +66,7 @@ class SD35:
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        self.engine.close()
+        self.engine.close(wait_seconds=settings.shutdown_grace_seconds)
         self.serving.close()
         self.sweeper.stop()
 

@@ -347,12 +347,19 @@ class GenerationEngine:
     def ready(self) -> bool:
         return self._status.loaded
 
-    def close(self) -> None:
+    def close(self, wait_seconds: float = 0) -> None:
+        """Stop the worker after its current batch; wait up to ``wait_seconds`` for that batch.
+
+        Exiting while the worker is inside torch would abort the process
+        ("terminate called without an active exception") instead of exiting 0.
+        """
         with self._cond:
             if self.ready and not self._closed:
                 metrics.MODEL_LOADED.dec()
             self._closed = True
             self._cond.notify_all()
+        if wait_seconds and self._worker.is_alive():
+            self._worker.join(wait_seconds)
 
     def drain(self, grace_seconds: float) -> None:
         """Stop taking work; what is queued may still run for ``grace_seconds``, then is refused."""

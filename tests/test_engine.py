@@ -252,3 +252,20 @@ def test_requests_before_load_are_refused(tiny_pipe: Any) -> None:
     engine = GenerationEngine(Settings(model_id="tiny"), loader=lambda *_: (tiny_pipe, "cpu"))
     with pytest.raises(ModelNotLoadedError, match="loading"):
         engine.submit(params(1))
+
+
+def test_close_waits_for_the_running_batch(tiny_pipe: Any) -> None:
+    with running_engine(tiny_pipe) as engine:
+
+        async def start_one() -> asyncio.Task:
+            return await _hold_worker(engine)
+
+        loop = asyncio.new_event_loop()
+        blocker = loop.run_until_complete(start_one())
+        threading.Timer(0.3, engine.pipeline.gate.set).start()
+        started = time.monotonic()
+        engine.close(wait_seconds=30)
+        assert not engine._worker.is_alive(), "the worker finished its batch and stopped"
+        assert time.monotonic() - started >= 0.25
+        assert len(loop.run_until_complete(blocker)) == 1
+        loop.close()

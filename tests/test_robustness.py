@@ -100,6 +100,25 @@ def test_cors_preflight_and_headers_when_configured(secured: TestClient) -> None
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_a_request_that_outlives_request_timeout_gets_504(tiny_model_dir: Path) -> None:
+    env = {"MODEL_ID": str(tiny_model_dir), "WARMUP": "false", "REQUEST_TIMEOUT": "1"}
+    with service_client(env) as timed:
+        import service
+
+        engine = service.app.state.serving.engine
+        slow = {"prompt": "slow", "size": "1024x1024", "n": 2, "num_inference_steps": 8}
+        started = time.monotonic()
+        response = timed.post(GEN, json=slow)
+        error = assert_openai_error(response, 504, "timeout")
+        assert "REQUEST_TIMEOUT" in error["message"] and time.monotonic() - started < 10
+        assert response.headers["x-should-retry"] == "false", "a retry would time out the same way"
+        # The batch already on the GPU cannot be interrupted: let it finish before the service stops.
+        deadline = time.monotonic() + 120
+        while not engine.batch_sizes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.batch_sizes == [2]
+
+
 def test_cors_is_off_by_default(client: TestClient) -> None:
     response = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
     assert "access-control-allow-origin" not in response.headers
