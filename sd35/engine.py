@@ -275,7 +275,9 @@ class GenerationEngine:
         self._seconds_per_image = 1.0
         self._worker = threading.Thread(target=self._run_worker, name="sd35-generation", daemon=True)
         self._edit_pipelines: dict[str, Any] = {}
-        self.batch_sizes: list[int] = []
+        # Images per recent pipeline call, for tests and benchmarks; bounded,
+        # as a server makes millions of calls (operators read sd35_batch_images).
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
 
     # --- loading -----------------------------------------------------------
 
@@ -492,7 +494,7 @@ class GenerationEngine:
                 self._free_memory()
                 self._run_images_one_by_one(job)
                 return
-            job.future.set_exception(self._translate(exc, [job]))
+            job.future.set_exception(self._translate(exc, job))
             return
         for job, images in zip(batch, results, strict=True):
             job.future.set_result(images)
@@ -504,7 +506,7 @@ class GenerationEngine:
             for seed in job.params.seeds():
                 images += self._call_pipeline([replace(job.params, num_images=1, seed=seed)])[0]
         except Exception as exc:
-            job.future.set_exception(self._translate(exc, [job]))
+            job.future.set_exception(self._translate(exc, job))
             return
         logger.info("request %s: out of GPU memory as one batch; generated image by image", job.request_id)
         job.future.set_result(images)
@@ -522,19 +524,18 @@ class GenerationEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _translate(self, exc: Exception, jobs: list[_Job]) -> APIError:
-        ids = ",".join(job.request_id for job in jobs)
+    def _translate(self, exc: Exception, job: _Job) -> APIError:
         if isinstance(exc, APIError):
             return exc
         if self._is_out_of_memory(exc):
             self._free_memory()
-            logger.warning("request %s: CUDA out of memory during generation", ids)
+            logger.warning("request %s: CUDA out of memory during generation", job.request_id)
             return GPUOutOfMemoryError(
                 "The GPU ran out of memory generating these images; try fewer images (n) or a smaller size."
             )
         # The exception text may quote the prompt: only at DEBUG.
-        logger.error("request %s: generation failed: %s", ids, type(exc).__name__)
-        logger.debug("request %s: generation failure details", ids, exc_info=exc)
+        logger.error("request %s: generation failed: %s", job.request_id, type(exc).__name__)
+        logger.debug("request %s: generation failure details", job.request_id, exc_info=exc)
         return GenerationFailedError("Image generation failed; the server log has the details.")
 
     def _pipeline_for(self, mode: str) -> Any:
@@ -602,11 +603,7 @@ class GenerationEngine:
         metrics.GENERATION_SECONDS.observe(elapsed)
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(prompts)
         arrays = list(pixels.numpy())
-        results, offset = [], 0
-        for params in batch:
-            results.append(arrays[offset : offset + params.num_images])
-            offset += params.num_images
-        return results
+        return [arrays[offset : offset + p.num_images] for p, offset in zip(batch, _offsets(batch), strict=True)]
 
     @staticmethod
     def _previewer(batch: list[GenerationParams]) -> Callable[..., dict]:

@@ -178,8 +178,8 @@ def test_batch_budget_is_respected(tiny_pipe: Any) -> None:
 
     with running_engine(tiny_pipe, max_batch_images=3) as engine:
         run(burst(engine))
-        assert max(engine.batch_sizes[1:]) <= 3
-        assert sum(engine.batch_sizes[1:]) == 8
+        assert max(list(engine.batch_sizes)[1:]) <= 3
+        assert sum(list(engine.batch_sizes)[1:]) == 8
 
 
 def test_a_failing_request_does_not_fail_its_neighbours(engine: GenerationEngine) -> None:

@@ -121,7 +121,7 @@ def test_warm_up_runs_before_ready(tiny_model_dir: Path) -> None:
     ready_during_warmup, kwargs = seen[0]
     assert ready_during_warmup is False
     assert (kwargs["width"], kwargs["height"], kwargs["num_inference_steps"]) == (1024, 1024, 4)
-    assert engine.batch_sizes == [], "warm-up is not counted as traffic"
+    assert list(engine.batch_sizes) == [], "warm-up is not counted as traffic"
     engine.close()
 
 

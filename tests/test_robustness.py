@@ -116,7 +116,7 @@ def test_a_request_that_outlives_request_timeout_gets_504(tiny_model_dir: Path) 
         deadline = time.monotonic() + 120
         while not engine.batch_sizes and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert engine.batch_sizes == [2]
+        assert list(engine.batch_sizes) == [2]
 
 
 def test_cors_is_off_by_default(client: TestClient) -> None:
