@@ -98,29 +98,37 @@ UPLOAD_FORMATS = {"PNG", "JPEG", "WEBP"}
 class UploadError(ValueError):
     """An uploaded file is not an image this server can use; the message says why."""
 
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
-def read_upload(data: bytes, name: str) -> Image.Image:
-    """Decode an uploaded image, refusing empty, foreign, truncated and oversized files before decoding pixels."""
+
+def read_upload(data: bytes, name: str, field: str) -> Image.Image:
+    """Decode an uploaded image, refusing empty, foreign, truncated and oversized files before decoding pixels.
+
+    ``name`` is how messages refer to the file (``image[1]``); ``field`` is the form field it came in.
+    """
     if not data:
-        raise UploadError(f"'{name}' is empty; send a PNG, JPEG or WebP file")
+        raise UploadError(f"'{name}' is empty; send a PNG, JPEG or WebP file", field)
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in UPLOAD_FORMATS:
-            raise UploadError(f"'{name}' is a {image.format or 'unknown'} file; send a PNG, JPEG or WebP image")
+            raise UploadError(f"'{name}' is a {image.format or 'unknown'} file; send a PNG, JPEG or WebP image", field)
         # The header says how big the pixels will be: check before decoding
         # them, so that a small file that expands to gigabytes never does.
         if image.width * image.height > MAX_INPUT_PIXELS:
             raise UploadError(
                 f"'{name}' is {image.width}x{image.height}: it has more than {MAX_INPUT_PIXELS} pixels; "
-                "send a smaller image"
+                "send a smaller image",
+                field,
             )
         image.load()
     except UploadError:
         raise
     except Image.DecompressionBombError:
-        raise UploadError(f"'{name}' has more than {MAX_INPUT_PIXELS} pixels; send a smaller image") from None
+        raise UploadError(f"'{name}' has more than {MAX_INPUT_PIXELS} pixels; send a smaller image", field) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UploadError(f"'{name}' is not a readable PNG, JPEG or WebP image ({type(exc).__name__})") from None
+        raise UploadError(f"'{name}' is not a readable PNG, JPEG or WebP image ({type(exc).__name__})", field) from None
     return image
 
 

@@ -58,6 +58,13 @@ IMG2IMG_STRENGTH = 0.6
 INPAINT_STRENGTH = 1.0
 
 
+def _encoding(request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest) -> tuple[OutputFormat, int]:
+    """The output format and compression a request asks for (variations have neither: PNG)."""
+    output_format: OutputFormat = getattr(request, "output_format", None) or "png"
+    compression = getattr(request, "output_compression", None)
+    return output_format, 100 if compression is None else compression
+
+
 def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> ImageData:
     return ImageData(b64_json=to_base64(encode_image(pixels, output_format, compression)))
 
@@ -108,11 +115,10 @@ class ImageServing:
         if not uploads:
             raise ValidationError("Missing required file: 'image' (a PNG, JPEG or WebP image).", param="image")
         try:
-            images = [read_upload(data, name) for name, data in uploads]
-            mask_image = None if mask is None else read_upload(mask, "mask")
+            images = [read_upload(data, name, "image") for name, data in uploads]
+            mask_image = None if mask is None else read_upload(mask, "mask", "mask")
         except UploadError as exc:
-            param = "mask" if str(exc).startswith("'mask'") else "image"
-            raise ValidationError(f"{exc}.", param=param) from None
+            raise ValidationError(f"{exc}.", param=exc.field) from None
         source = images[0]
         if mask_image is not None and mask_image.size != source.size:
             raise ValidationError(
@@ -163,9 +169,7 @@ class ImageServing:
         request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
         base_url: str,
     ) -> ImagesResponse:
-        output_format: OutputFormat = getattr(request, "output_format", None) or "png"
-        compression = getattr(request, "output_compression", None)
-        compression = 100 if compression is None else compression
+        output_format, compression = _encoding(request)
         images = await self.engine.generate(params)
         loop = asyncio.get_running_loop()
         if request.response_format == "url":
@@ -205,8 +209,7 @@ class ImageServing:
 
         params = replace(params, partial_images=request.partial_images or 0, on_preview=on_preview)
         job = self.engine.submit(params)
-        output_format: OutputFormat = request.output_format or "png"
-        compression = 100 if request.output_compression is None else request.output_compression
+        output_format, compression = _encoding(request)
         common = {
             "background": "opaque",
             "output_format": output_format,
