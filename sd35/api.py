@@ -364,7 +364,7 @@ def create_app() -> FastAPI:
         serving = _serving(request)
         parsed, images, mask = await read_form(request, ImageEditRequest)
         if parsed.stream:
-            params = await asyncio.to_thread(serving.edit_params, parsed, images, mask)
+            params = await serving.decode_edit(parsed, images, mask)
             return event_stream(request, serving.stream(params, parsed, "image_edit"))
         base_url = public_base_url(request, serving.settings.public_base_url)
         return await unless_disconnected(request, serving.edit(parsed, images, mask, base_url))

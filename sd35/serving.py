@@ -147,6 +147,13 @@ class ImageServing:
             **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
         )
 
+    async def decode_edit(
+        self, request: ImageEditRequest | ImageVariationRequest, uploads: list[tuple[str, bytes]], mask: bytes | None
+    ) -> GenerationParams:
+        """:meth:`edit_params` off the event loop (decoding images takes CPU time)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._encoders, self.edit_params, request, uploads, mask)
+
     async def edit(
         self,
         request: ImageEditRequest | ImageVariationRequest,
@@ -154,10 +161,7 @@ class ImageServing:
         mask: bytes | None,
         base_url: str,
     ) -> ImagesResponse:
-        params = await asyncio.get_running_loop().run_in_executor(
-            self._encoders, self.edit_params, request, uploads, mask
-        )
-        return await self._respond(params, request, base_url)
+        return await self._respond(await self.decode_edit(request, uploads, mask), request, base_url)
 
     async def generate(self, request: ImageGenerationRequest, base_url: str) -> ImagesResponse:
         """``base_url``: where this service is reachable from the client, for `url` images."""
