@@ -70,7 +70,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 from bench import harness
 from sd35 import acceleration, tiny
 from sd35.config import Settings
-from sd35.engine import GIB, WORKING_MEMORY_BYTES, check_fits, component_bytes, resolve_device
+from sd35.engine.loading import resolve_device
+from sd35.engine.memory import GIB, WORKING_MEMORY_BYTES, check_fits, component_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH_NAME = "sd35-large-architecture.json"

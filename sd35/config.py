@@ -72,7 +72,7 @@ class Settings:
     warmup: bool = True
     workers: int = 1
     cors_allow_origins: tuple[str, ...] = ()
-    shutdown_grace_seconds: float = 25.0
+    shutdown_grace_seconds: float = 5.0
     public_base_url: str | None = None
     image_store: str = "local"
     image_store_dir: Path = field(default_factory=lambda: Path("~/.cache/sd35/images").expanduser())
@@ -246,7 +246,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "CORS_ALLOW_ORIGINS", (), _origins, "origins such as https://app.example.com, comma-separated, or *"
         ),
         shutdown_grace_seconds=_parse(
-            env, "SHUTDOWN_GRACE_SECONDS", 25.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
+            env, "SHUTDOWN_GRACE_SECONDS", 5.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
         ),
         **_image_store_settings(env),
     )

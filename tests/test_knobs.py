@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import sd35.engine
+import sd35.engine.loading
 from sd35.acceleration import cached_steps
 from sd35.config import Settings
-from sd35.engine import GIB, GenerationEngine, GenerationParams, check_fits, component_bytes, load_pipeline
+from sd35.engine import GenerationEngine, GenerationParams
+from sd35.engine.calls import PipelineRunner
+from sd35.engine.loading import load_pipeline
+from sd35.engine.memory import GIB, check_fits, component_bytes
 
 PARAMS = GenerationParams(
     prompt="a lighthouse", width=64, height=64, num_images=1, seed=3, num_inference_steps=4, guidance_scale=0.0
@@ -21,9 +24,7 @@ PARAMS = GenerationParams(
 
 
 def generate(pipe: Any, params: GenerationParams = PARAMS) -> np.ndarray:
-    engine = GenerationEngine(Settings(model_id="tiny", warmup=False))
-    engine.pipeline = pipe
-    return engine._call_pipeline([params])[0][0]
+    return PipelineRunner(pipe)([params])[0][0]
 
 
 def settings(tiny_model_dir: Path, **overrides: Any) -> Settings:
@@ -83,18 +84,18 @@ def test_modes_that_fit_pass() -> None:
 def test_each_worker_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert [sd35.engine.resolve_device("auto", worker) for worker in (1, 2, 3, 4, 5)] == [
+    assert [sd35.engine.loading.resolve_device("auto", worker) for worker in (1, 2, 3, 4, 5)] == [
         "cuda:0",
         "cuda:1",
         "cuda:2",
         "cuda:3",
         "cuda:0",
     ]
-    assert sd35.engine.resolve_device("cuda:2", worker_index=1) == "cuda:2", "an explicit DEVICE wins"
+    assert sd35.engine.loading.resolve_device("cuda:2", worker_index=1) == "cuda:2", "an explicit DEVICE wins"
 
 
 def test_cpu_only_machine_uses_cpu_for_every_worker() -> None:
-    assert sd35.engine.resolve_device("auto", 3) == "cpu"
+    assert sd35.engine.loading.resolve_device("auto", 3) == "cpu"
 
 
 def test_warm_up_runs_before_ready(tiny_model_dir: Path) -> None:
