@@ -48,9 +48,10 @@ class PipelineRunner:
             from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
             kind = StableDiffusion3Img2ImgPipeline if mode == "img2img" else StableDiffusion3InpaintPipeline
-            # Without dtype, from_pipe would convert the shared modules - the
-            # loaded pipeline's too - to float32 in place.
-            edit = kind.from_pipe(self.pipeline, dtype=self.pipeline.dtype)
+            # Built from the very same modules, untouched: from_pipe would cast
+            # them to a dtype, which quantized weights refuse, and which without
+            # an explicit dtype turns the shared modules to float32 in place.
+            edit = kind(**self.pipeline.components)
             edit.set_progress_bar_config(disable=True)
             self._edit_pipelines[mode] = edit
         return self._edit_pipelines[mode]

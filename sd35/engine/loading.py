@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd35.config import DEFAULT_MODEL_ID, Settings
+from sd35.engine.memory import GIB, MemoryModeError
+
+if TYPE_CHECKING:
+    from sd35.engine.memory import MemoryPlan
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
     def caused_by(*kinds: type[BaseException]) -> bool:
         return any(isinstance(e, kinds) for e in chain)
 
-    if isinstance(exc, LoadRefusedError):
+    if isinstance(exc, MemoryModeError):
         return str(exc)
     if looks_like_path(model):
         path = Path(model).expanduser()
@@ -79,8 +84,18 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
     return f"could not load {model}: {type(exc).__name__}: {exc}"
 
 
-class LoadRefusedError(RuntimeError):
-    """The configuration cannot work on this machine; the message says why and what to do."""
+def resolve_memory(settings: Settings, device: str) -> tuple[Settings, MemoryPlan]:
+    """``settings`` with ``MEMORY_MODE`` resolved for ``device`` (never ``auto``) and the batch capped to what fits."""
+    from sd35.engine.memory import plan_memory
+
+    plan = plan_memory(settings, device)
+    resolved = replace(
+        settings,
+        memory_mode=plan.mode.name,
+        max_batch_images=plan.max_batch_images,
+        vae_slicing=settings.vae_slicing or plan.vae_slicing,
+    )
+    return resolved, plan
 
 
 def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
@@ -89,26 +104,40 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
     from diffusers import StableDiffusion3Pipeline
 
     from sd35 import acceleration
-    from sd35.engine.memory import check_fits, component_bytes
+    from sd35.engine.memory import MODES, component_bytes, quantization_config
 
     device = resolve_device(settings.device, worker_index)
+    if settings.memory_mode == "auto":
+        settings, _ = resolve_memory(settings, device)
+    mode = MODES[settings.memory_mode]
+    quantization = quantization_config(mode)
     # bf16 halves memory and runs at full tensor-core speed on GPUs; CPUs run
-    # bf16 slowly or not at all, so they get float32.
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    # bf16 slowly, so they get float32 - except quantized weights, which
+    # diffusers computes in bf16, so the rest of the pipeline must match.
+    dtype = torch.bfloat16 if device.startswith("cuda") or quantization is not None else torch.float32
     # Without T5 the prompt is encoded by the two CLIP models alone: ~9.5 GB
     # less, and prompts beyond 77 tokens lose their tail.
-    drop_t5 = {"text_encoder_3": None, "tokenizer_3": None} if settings.memory_mode == "no_t5" else {}
-    pipe = StableDiffusion3Pipeline.from_pretrained(settings.model_id, dtype=dtype, token=settings.hf_token, **drop_t5)
+    drop_t5 = {"text_encoder_3": None, "tokenizer_3": None} if mode.t5 == "dropped" else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        settings.model_id, dtype=dtype, token=settings.hf_token, quantization_config=quantization, **drop_t5
+    )
     pipe.set_progress_bar_config(disable=True)
-    if device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(device)
-        check_fits(component_bytes(pipe), settings.memory_mode, free, total, device)
-    if settings.memory_mode == "cpu_offload" and device.startswith("cuda"):
+    if mode.offload and device.startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
     if settings.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
+    sizes = component_bytes(pipe)
+    logger.info(
+        "weights on %s: %.2f GiB in MEMORY_MODE=%s (%s)",
+        "the host (offloaded)" if mode.offload and device.startswith("cuda") else device,
+        sum(sizes.values()) / GIB,
+        mode.name,
+        ", ".join(f"{name} {size / GIB:.2f}" for name, size in sizes.items()),
+    )
     if settings.enable_cache_dit:
         acceleration.enable_cache_dit(pipe)
     if settings.torch_compile != "off":

@@ -31,6 +31,7 @@ from sd35 import metrics
 from sd35.config import Settings
 from sd35.engine import loading
 from sd35.engine.calls import CallInterrupted, PipelineRunner
+from sd35.engine.memory import MemoryPlan, component_bytes
 from sd35.engine.params import GenerationParams
 from sd35.errors import (
     APIError,
@@ -60,6 +61,11 @@ class _Job:
     abandoned: bool = False
 
 
+def _weight_bytes(pipe: Any) -> int | None:
+    components = getattr(pipe, "components", None)
+    return sum(component_bytes(pipe).values()) if isinstance(components, dict) else None
+
+
 @dataclass(frozen=True)
 class EngineStatus:
     loaded: bool
@@ -81,6 +87,9 @@ class GenerationEngine:
         self.worker_index = worker_index
         self._on_ready = on_ready
         self.runner: PipelineRunner | None = None
+        self.memory_plan: MemoryPlan | None = None
+        # Bytes of weights the loaded pipeline holds, quantized ones at their stored size.
+        self.weight_bytes: int | None = None
         self.device: str | None = None
         self._status = EngineStatus(False, "the model is loading")
         self._pending: deque[_Job] = deque()
@@ -128,8 +137,12 @@ class GenerationEngine:
                 HF_HUB_CACHE,
             )
         try:
+            device = loading.resolve_device(self.settings.device, self.worker_index)
+            # The mode and the batch size are settled before any weight is read.
+            self.settings, self.memory_plan = loading.resolve_memory(self.settings, device)
             pipe, self.device = (self._loader or loading.load_pipeline)(self.settings, self.worker_index)
             self.pipeline = pipe
+            self.weight_bytes = _weight_bytes(pipe)
             if self.settings.warmup:
                 self._warm_up()
         except Exception as exc:  # any failure must become a reason, never a crash loop
@@ -182,6 +195,11 @@ class GenerationEngine:
     @property
     def ready(self) -> bool:
         return self._status.loaded
+
+    @property
+    def memory_mode(self) -> str | None:
+        """The resolved ``MEMORY_MODE`` (``auto`` decided), once the load has begun."""
+        return None if self.memory_plan is None else self.memory_plan.mode.name
 
     # --- shutdown ----------------------------------------------------------
 
