@@ -61,9 +61,11 @@ def _wait_gone(processes: list[psutil.Process], seconds: float) -> float:
 
 
 @contextmanager
-def _serving(env: dict[str, str], tmp_path: Path, tiny_model_dir: Path) -> Iterator[Server]:
+def _serving(
+    env: dict[str, str], tmp_path: Path, tiny_model_dir: Path, target: str = "service:SD35"
+) -> Iterator[Server]:
     full = {"MODEL_ID": str(tiny_model_dir), "WARMUP": "false", "SHUTDOWN_GRACE_SECONDS": str(GRACE), **env}
-    with running_server(full, tmp_path) as server:
+    with running_server(full, tmp_path, target=target) as server:
         family = _family(server)
         try:
             yield server
@@ -158,14 +160,22 @@ def test_sigterm_ends_every_process_whatever_the_clients_do(tiny_model_dir: Path
         assert gone < GRACE + FEW_SECONDS
 
 
-def test_workers_exit_when_the_arbiter_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with _serving({}, tmp_path, tiny_model_dir) as server:
+def test_workers_exit_when_the_arbiter_is_killed_even_holding_a_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with _serving({}, tmp_path, tiny_model_dir, target="tests.hanging_service:SD35") as server:
         worker = _worker(server)
+        host, port = server.url.removeprefix("http://").split(":")
+        hanging = socket.create_connection((host, int(port)), timeout=10)
+        hanging.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)
         os.kill(server.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
         server.process.wait(5)
         assert _alive([worker]), "the worker outlived the arbiter's SIGKILL itself"
         _wait_gone([worker], GRACE + FEW_SECONDS)
-        assert "shutting down: no new requests" in server.log_text(), "it shut down, not just died"
+        # The request that never ends was cancelled when the grace and its margin were over.
+        assert time.monotonic() - killed >= GRACE + 3
+        log = server.log_text()
+        assert "shutting down: no new requests" in log and "timeout graceful shutdown exceeded" in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")
