@@ -22,10 +22,9 @@ import httpx
 import psutil
 import pytest
 
+from sd35.lifecycle import Stopping, bound_graceful_shutdown
 from tests.conftest import assert_openai_error
 from tests.server import Server, running_server
-
-pytestmark = pytest.mark.server
 
 GRACE = 2.0
 # SIGTERM ends every process within the grace plus this (sd35.lifecycle.SHUTDOWN_MARGIN_SECONDS is 3 s).
@@ -115,6 +114,7 @@ def _metrics(server: Server) -> dict[str, float]:
 EDIT_HEADERS = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(1 << 20)}
 
 
+@pytest.mark.server
 def test_sigterm_ends_every_process_whatever_the_clients_do(tiny_model_dir: Path, tmp_path: Path) -> None:
     # The read timeout is far beyond the shutdown: it is not what ends the stalled request.
     env = {"BODY_READ_TIMEOUT": "600", "MAX_UPLOAD_BYTES": str(1 << 20), "MAX_BUFFERED_BYTES": str(24 << 20)}
@@ -160,6 +160,7 @@ def test_sigterm_ends_every_process_whatever_the_clients_do(tiny_model_dir: Path
         assert gone < GRACE + FEW_SECONDS
 
 
+@pytest.mark.server
 def test_workers_exit_when_the_arbiter_is_killed_even_holding_a_request(tiny_model_dir: Path, tmp_path: Path) -> None:
     with _serving({}, tmp_path, tiny_model_dir, target="tests.hanging_service:SD35") as server:
         worker = _worker(server)
@@ -186,6 +187,7 @@ def strict(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield server
 
 
+@pytest.mark.server
 def test_a_stalled_body_is_answered_408_and_closed(strict: Server) -> None:
     sock = _open(strict, "/v1/images/generations", {"Content-Type": "application/json", "Content-Length": "100"})
     sock.sendall(b'{"prompt": "a cat", ')
@@ -212,6 +214,7 @@ def _hold(server: Server, stop: threading.Event) -> socket.socket:
     return sock
 
 
+@pytest.mark.server
 def test_the_buffered_bytes_cap_refuses_the_next_upload(strict: Server) -> None:
     stop = threading.Event()
     holders = [_hold(strict, stop) for _ in range(2)]
@@ -230,6 +233,7 @@ def test_the_buffered_bytes_cap_refuses_the_next_upload(strict: Server) -> None:
     assert_openai_error(accepted, 400, "validation_error", "image")
 
 
+@pytest.mark.server
 def test_memory_stays_flat_with_fifty_slow_uploads(strict: Server) -> None:
     worker = _worker(strict)
     before = worker.memory_info().rss
@@ -260,6 +264,7 @@ def test_memory_stays_flat_with_fifty_slow_uploads(strict: Server) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.server
 def test_a_batch_whose_clients_all_left_stops_early(strict: Server) -> None:
     async def leave() -> None:
         async with httpx.AsyncClient(base_url=strict.url, timeout=1.5) as http:
@@ -273,3 +278,29 @@ def test_a_batch_whose_clients_all_left_stops_early(strict: Server) -> None:
         time.sleep(0.2)
     assert 1 <= int(found.group(1)) < 50
     assert httpx.get(f"{strict.url}/health", timeout=10).json()["model_loaded"] is True
+
+
+def test_stopping_wakes_waiters_on_other_loops_and_later_ones_at_once() -> None:
+    stopping = Stopping()
+    woken = threading.Event()
+
+    async def wait() -> None:
+        await stopping.wait()
+        woken.set()
+
+    waiter = threading.Thread(target=lambda: asyncio.run(wait()))
+    waiter.start()
+    time.sleep(0.2)
+    assert not woken.is_set()
+    stopping.set()  # from another thread, as the signal handler does
+    waiter.join(2)
+    assert woken.is_set() and stopping.is_set()
+    asyncio.run(asyncio.wait_for(stopping.wait(), 0.5))
+
+
+def test_uvicorns_graceful_shutdown_is_bounded_unless_given() -> None:
+    import uvicorn
+
+    bound_graceful_shutdown(7.5)
+    assert uvicorn.Config(app=None).timeout_graceful_shutdown == 7.5
+    assert uvicorn.Config(app=None, timeout_graceful_shutdown=60).timeout_graceful_shutdown == 60
