@@ -222,7 +222,10 @@ class BodySizeLimitMiddleware:
             except APIError as refusal:
                 await _answer(send, refusal, close=True)
                 return
-            await self.app(scope, _replay(b"".join(chunks), receive), send)
+            # One copy of the body from here on: the app's (what is reserved).
+            whole = b"".join(chunks)
+            del chunks
+            await self.app(scope, _replay(whole, receive), send)
         finally:
             self.budget.release(reserved)
 
@@ -273,10 +276,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     replayed = False
 
     async def replay() -> Message:
-        nonlocal replayed
+        nonlocal replayed, body
         if not replayed:
             replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            message: Message = {"type": "http.request", "body": body, "more_body": False}
+            body = b""  # the app holds it now, for as long as it needs it
+            return message
         return await receive()
 
     return replay
