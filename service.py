@@ -11,10 +11,17 @@ import bentoml
 from sd35.api import create_app
 from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
-from sd35.lifecycle import on_termination
+from sd35.lifecycle import (
+    SHUTDOWN_MARGIN_SECONDS,
+    Stopping,
+    bound_graceful_shutdown,
+    exit_with_parent,
+    on_termination,
+)
 from sd35.logs import configure_logging, ready_line
 from sd35.middleware import (
     BodySizeLimitMiddleware,
+    BufferBudget,
     OpenAIErrorMiddleware,
     RequestIdMiddleware,
     adopt_bentoml_traffic_errors,
@@ -26,6 +33,11 @@ except ConfigError as exc:
     sys.exit(f"sd35: configuration error: {exc}")
 configure_logging(settings.log_level)
 adopt_bentoml_traffic_errors()
+bound_graceful_shutdown(settings.shutdown_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
+if bentoml.server_context.worker_index is not None:  # a worker, not the arbiter importing the service
+    exit_with_parent()
+# Set on SIGTERM: request bodies still arriving are answered 503 at once.
+stopping = Stopping()
 
 app = create_app()
 
@@ -59,7 +71,11 @@ class SD35:
         self.sweeper.start()
         self.serving = ImageServing(settings, self.engine, store)
         app.state.serving = self.serving
-        on_termination(lambda: self.engine.drain(settings.shutdown_grace_seconds))
+        on_termination(self.terminate)
+
+    def terminate(self) -> None:
+        stopping.set()
+        self.engine.drain(settings.shutdown_grace_seconds)
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
@@ -93,4 +109,7 @@ SD35.add_asgi_middleware(
     max_body_bytes=settings.max_body_bytes,
     max_upload_bytes=settings.max_upload_bytes,
     upload_paths=("/v1/images/edits", "/v1/images/variations"),
+    read_timeout=settings.body_read_timeout,
+    budget=BufferBudget(settings.max_buffered_bytes),
+    stopping=stopping,
 )

@@ -68,6 +68,8 @@ class Settings:
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
+    max_buffered_bytes: int = 256 << 20
+    body_read_timeout: float = 30.0
     log_level: str = "INFO"
     memory_mode: str = "auto"
     torch_compile: str = "off"
@@ -211,7 +213,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     model_id = _get(env, "MODEL_ID") or DEFAULT_MODEL_ID
     defaults = published_defaults(model_id)
-    return Settings(
+    settings = Settings(
         model_id=model_id,
         hf_token=_get(env, "HF_TOKEN") or _get(env, "HUGGING_FACE_HUB_TOKEN"),
         api_keys=_parse(env, "API_KEY", (), _api_keys, "one key, or several separated by commas, without spaces"),
@@ -240,6 +242,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_upload_bytes=_parse(
             env, "MAX_UPLOAD_BYTES", 64 << 20, _bounded(int, 1024, 1 << 32), "a number of bytes between 1024 and 2**32"
         ),
+        max_buffered_bytes=_parse(
+            env,
+            "MAX_BUFFERED_BYTES",
+            256 << 20,
+            _bounded(int, 1 << 20, 1 << 40),
+            "a number of bytes between 2**20 and 2**40",
+        ),
+        body_read_timeout=_parse(
+            env, "BODY_READ_TIMEOUT", 30.0, _bounded(float, 0.1, 3600), "a number of seconds between 0.1 and 3600"
+        ),
         log_level=_parse(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
         memory_mode=_parse(
             env, "MEMORY_MODE", "auto", _choice(*MEMORY_MODES), ", ".join(MEMORY_MODES[:-1]) + " or " + MEMORY_MODES[-1]
@@ -256,6 +268,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         **_image_store_settings(env),
     )
+    largest = max(settings.max_body_bytes, settings.max_upload_bytes)
+    if settings.max_buffered_bytes < largest:
+        raise ConfigError(
+            f"MAX_BUFFERED_BYTES={settings.max_buffered_bytes} is invalid: expected at least the largest body accepted "
+            f"({largest} bytes, MAX_UPLOAD_BYTES / MAX_BODY_BYTES), or no upload of that size could ever be read"
+        )
+    return settings
 
 
 def _image_store_settings(env: Mapping[str, str]) -> dict[str, object]:

@@ -106,6 +106,23 @@ class ClientDisconnectedError(APIError):
     type = "invalid_request_error"
 
 
+class BodyReadTimeoutError(APIError):
+    """The request body stopped arriving (BODY_READ_TIMEOUT); the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
+    type = "invalid_request_error"
+    retryable = True
+
+
+class UploadsBusyError(APIError):
+    """Too many request bodies are being buffered at once (MAX_BUFFERED_BYTES)."""
+
+    status = 503
+    code = "server_busy"
+    retryable = True
+
+
 class RequestTimeoutError(APIError):
     status = 504
     code = "timeout"

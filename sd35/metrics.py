@@ -12,6 +12,11 @@ from prometheus_client import Counter, Gauge, Histogram
 QUEUE_IMAGES = Gauge(
     "sd35_queue_images", "Images waiting for the GPU worker (not yet running).", multiprocess_mode="livesum"
 )
+BUFFERED_BYTES = Gauge(
+    "sd35_buffered_body_bytes",
+    "Bytes of request bodies held by requests in progress (capped per worker by MAX_BUFFERED_BYTES).",
+    multiprocess_mode="livesum",
+)
 MODEL_LOADED = Gauge("sd35_model_loaded", "Workers whose model is loaded and warmed up.", multiprocess_mode="livesum")
 BATCH_IMAGES = Histogram(
     "sd35_batch_images", "Images per pipeline call (batching merges requests).", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)

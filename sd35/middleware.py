@@ -2,31 +2,43 @@
 
 BentoML answers paths that the mounted FastAPI app has no route for with its
 own plain-text 404 before the app sees them; :class:`OpenAIErrorMiddleware`
-turns such replies on ``/v1`` into OpenAI's error shape. The body limit is
-enforced before anything parses a body.
+turns such replies on ``/v1`` into OpenAI's error shape. Bodies are read
+within limits (size, time, memory across requests) before anything parses them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import uuid
+from collections.abc import AsyncIterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sd35 import metrics
 from sd35.errors import (
     APIError,
     AuthenticationError,
+    BodyReadTimeoutError,
+    ClientDisconnectedError,
     InternalError,
     MethodNotAllowedError,
     ModelNotLoadedError,
     NotFoundError,
     RateLimitError,
     RequestTimeoutError,
+    ServiceUnavailableError,
+    UploadsBusyError,
     ValidationError,
     error_bytes,
     error_payload,
 )
+from sd35.lifecycle import Stopping
 from sd35.logs import REQUEST_ID
+
+logger = logging.getLogger(__name__)
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: ValidationError,
@@ -98,28 +110,78 @@ class OpenAIErrorMiddleware:
         await self.app(scope, receive, checked_send)
 
 
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over ``max_body_bytes`` with a 400, before any parsing.
+class BufferBudget:
+    """Bytes of request bodies held at once by one worker process, capped at ``limit``.
 
-    The body is read up front (at most the limit) and replayed, so a chunked
-    upload that grows past the limit is refused as cleanly as one whose
-    ``Content-Length`` already says so.
+    Only the worker's event loop (one per process) touches it, so plain
+    arithmetic needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        metrics.BUFFERED_BYTES.inc(size)
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        metrics.BUFFERED_BYTES.dec(size)
+
+
+class _ClientGone(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The client closed the connection before its body was complete."""
+
+
+async def _answer(send: Send, exc: APIError, *, close: bool) -> None:
+    status, content, headers = error_bytes(exc)
+    if close:
+        # The rest of the body is not worth reading: h11 closes the connection after this reply.
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+class BodySizeLimitMiddleware:
+    """Reads every request body up front, within limits, and replays it to the app.
+
+    - size: over ``max_body_bytes`` (``max_upload_bytes`` on upload paths) is
+      a 400, whether ``Content-Length`` says so or a chunked body grows past it;
+    - time: nothing received for ``read_timeout`` seconds is a 408;
+    - memory: the bodies buffered by all requests of the process stay within
+      ``budget`` (503 with ``Retry-After`` beyond it). A declared length is
+      reserved before the first byte is read, so an upload is refused before
+      it is sent rather than halfway; the reservation lasts until the request
+      ends, as the parsed body lives that long;
+    - shutdown: once ``stopping`` is set a body still arriving is answered 503
+      at once (the engine takes no new work by then);
+    - a client that leaves ends the request at once, with a reply nobody reads:
+      BentoML's TimeoutMiddleware waits for a first reply, for minutes.
+
+    Refusals close the connection, so the client cannot keep it busy.
     """
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int = 0, upload_paths: tuple[str, ...] = ()
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        max_upload_bytes: int = 0,
+        upload_paths: tuple[str, ...] = (),
+        read_timeout: float = 30.0,
+        budget: BufferBudget | None = None,
+        stopping: Stopping | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
         self.upload_paths = upload_paths
-
-    async def _refuse(self, send: Send, limit: int, setting: str) -> None:
-        status, content, headers = error_bytes(
-            ValidationError(f"The request body is larger than the limit of {limit} bytes ({setting}).")
-        )
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        self.read_timeout = read_timeout
+        self.budget = budget or BufferBudget(max(max_body_bytes, max_upload_bytes))
+        self.stopping = stopping or Stopping()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -128,34 +190,101 @@ class BodySizeLimitMiddleware:
         upload = scope["path"] in self.upload_paths
         limit = self.max_upload_bytes if upload else self.max_body_bytes
         setting = "MAX_UPLOAD_BYTES" if upload else "MAX_BODY_BYTES"
-        declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, limit, setting)
+        too_large = ValidationError(f"The request body is larger than the limit of {limit} bytes ({setting}).")
+        header = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        declared = int(header) if header.isdigit() else 0
+        if declared > limit:
+            await _answer(send, too_large, close=True)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        reserved = 0
+        try:
+            try:
+                if not self.budget.reserve(declared):
+                    raise self._busy()
+                reserved = declared
+                chunks: list[bytes] = []
+                size = 0
+                async with contextlib.aclosing(self._chunks(receive)) as body:
+                    async for chunk in body:
+                        size += len(chunk)
+                        if size > limit:
+                            raise too_large
+                        if size > reserved:
+                            if not self.budget.reserve(size - reserved):
+                                raise self._busy()
+                            reserved = size
+                        chunks.append(chunk)
+            except _ClientGone:
+                await _answer(
+                    send, ClientDisconnectedError("The client left before its request body was complete."), close=False
+                )
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._refuse(send, limit, setting)
+            except APIError as refusal:
+                await _answer(send, refusal, close=True)
                 return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+            # One copy of the body from here on: the app's (what is reserved).
+            whole = b"".join(chunks)
+            del chunks
+            await self.app(scope, _replay(whole, receive), send)
+        finally:
+            self.budget.release(reserved)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+    def _busy(self) -> UploadsBusyError:
+        logger.warning(
+            "refused a request body: %d bytes of bodies are being read already (MAX_BUFFERED_BYTES)", self.budget.used
+        )
+        return UploadsBusyError(
+            f"The server is reading too many request bodies at once (MAX_BUFFERED_BYTES={self.budget.limit}); "
+            "retry after the indicated delay.",
+            retry_after=2,
+        )
 
-        await self.app(scope, replay, send)
+    async def _chunks(self, receive: Receive) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive; raises when it stalls, the server stops or the client leaves."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        get: asyncio.Future[Message] | None = None
+        try:
+            while True:
+                get = asyncio.ensure_future(receive())
+                done, _ = await asyncio.wait(
+                    {get, stop}, timeout=self.read_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if get not in done:
+                    if stop in done:
+                        raise ServiceUnavailableError(
+                            "The server is shutting down and takes no new requests; retry, another replica may answer.",
+                            retry_after=1,
+                        )
+                    raise BodyReadTimeoutError(
+                        f"The request body stopped arriving: nothing was received for {self.read_timeout:g} seconds "
+                        "(BODY_READ_TIMEOUT)."
+                    )
+                message = get.result()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+        finally:
+            stop.cancel()
+            if get is not None:
+                get.cancel()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` that first hands over the whole body, then what the client sends (a disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed, body
+        if not replayed:
+            replayed = True
+            message: Message = {"type": "http.request", "body": body, "more_body": False}
+            body = b""  # the app holds it now, for as long as it needs it
+            return message
+        return await receive()
+
+    return replay
 
 
 def _trace_id() -> str | None:

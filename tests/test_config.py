@@ -24,6 +24,7 @@ def test_defaults() -> None:
     assert settings.device == "auto"
     assert (settings.memory_mode, settings.torch_compile, settings.vae_channels_last) == ("auto", "off", False)
     assert (settings.warmup, settings.workers) == (True, 1)
+    assert (settings.body_read_timeout, settings.max_buffered_bytes) == (30.0, 256 << 20)
 
 
 def test_every_variable_is_read() -> None:
@@ -48,6 +49,8 @@ def test_every_variable_is_read() -> None:
             "VAE_CHANNELS_LAST": "yes",
             "WARMUP": "false",
             "WORKERS": "4",
+            "BODY_READ_TIMEOUT": "2.5",
+            "MAX_BUFFERED_BYTES": str(128 << 20),
         }
     )
     assert settings.model_id == "/models/sd35" and settings.hf_token == "hf_b"
@@ -58,6 +61,7 @@ def test_every_variable_is_read() -> None:
     assert (settings.request_timeout, settings.max_body_bytes, settings.log_level) == (30.0, 4096, "DEBUG")
     assert (settings.memory_mode, settings.torch_compile) == ("cpu_offload", "blocks")
     assert (settings.vae_channels_last, settings.warmup, settings.workers) == (True, False, 4)
+    assert (settings.body_read_timeout, settings.max_buffered_bytes) == (2.5, 128 << 20)
 
 
 def test_hf_token_wins_over_the_long_name() -> None:
@@ -117,6 +121,9 @@ def test_explicit_defaults_override_the_model() -> None:
         ("VAE_CHANNELS_LAST", "2"),
         ("WARMUP", "sometimes"),
         ("WORKERS", "0"),
+        ("BODY_READ_TIMEOUT", "0"),
+        ("MAX_BUFFERED_BYTES", "many"),
+        ("MAX_BUFFERED_BYTES", str(32 << 20)),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -125,6 +132,13 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
     message = str(raised.value)
     assert message.startswith(f"{name}=") and "\n" not in message
     assert "expected" in message
+
+
+def test_buffered_bytes_must_hold_the_largest_body() -> None:
+    settings = load_settings({"MAX_BUFFERED_BYTES": str(8 << 20), "MAX_UPLOAD_BYTES": str(8 << 20)})
+    assert settings.max_buffered_bytes == settings.max_upload_bytes == 8 << 20
+    with pytest.raises(ConfigError, match="MAX_UPLOAD_BYTES"):
+        load_settings({"MAX_BUFFERED_BYTES": str(8 << 20), "MAX_UPLOAD_BYTES": str(9 << 20)})
 
 
 def test_blank_values_mean_unset() -> None:
