@@ -33,7 +33,7 @@ app = create_app()
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="sd35",
-    # One worker per GPU; worker N drives GPU N-1 (see sd35.engine.resolve_device).
+    # One worker per GPU; worker N drives GPU N-1 (see sd35.engine.loading.resolve_device).
     workers=settings.workers,
     resources={"gpu": settings.workers},
     http={"host": settings.host, "port": settings.port},

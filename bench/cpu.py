@@ -31,7 +31,8 @@ from PIL import Image
 
 from bench.harness import LoadResult, load, machine, median_ms, serve
 from sd35.config import Settings
-from sd35.engine import GenerationEngine, GenerationParams, load_pipeline
+from sd35.engine import GenerationEngine, GenerationParams
+from sd35.engine.loading import load_pipeline
 from sd35.imaging import encode_image, to_base64
 from sd35.tiny import write_tiny_pipeline
 

@@ -13,9 +13,13 @@ with one set of engine knobs, and measures over HTTP:
 * GPU memory after loading, and the peak during load + warm-up and during traffic;
 * load and warm-up time.
 
-Scenarios: baseline (bf16, everything resident), cache_dit, compile
-(TORCH_COMPILE=blocks), channels_last (VAE), no_t5, cpu_offload, and all
-(compile + cache_dit + channels_last). The targets (1024², 4 steps, on an
+The random weights are saved once as a diffusers checkpoint (``--checkpoint``,
+reused while the architecture holds) and every scenario loads it with the
+service's own ``load_pipeline``, quantization included. Scenarios: baseline
+(bf16, everything resident), cache_dit, compile (TORCH_COMPILE=blocks),
+channels_last (VAE), the memory modes no_t5, cpu_offload, fp8, int8, nf4,
+nf4_no_t5 and auto, and all (compile + cache_dit + channels_last). Each
+scenario also renders fixed seeds, compared with baseline's (MAD, PSNR). The targets (1024², 4 steps, on an
 H100: p50 ≤ 0.35 s, ≥ 4 images/s with 16 clients) are judged only for a
 full-size run on CUDA. Results are printed as a table and appended to
 ``<out>/gpu-<date>-<device>.json`` and ``.md`` after every scenario, so a run
@@ -42,15 +46,20 @@ offline. The exit status is 1 when any scenario failed (its error is recorded).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import datetime as dt
 import gc
+import hashlib
 import inspect
+import io
 import json
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -58,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -65,12 +76,15 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from bench import harness
 from sd35 import acceleration, tiny
 from sd35.config import Settings
-from sd35.engine import GIB, WORKING_MEMORY_BYTES, check_fits, component_bytes, resolve_device
+from sd35.engine import loading
+from sd35.engine.loading import resolve_device
+from sd35.engine.memory import AUTO_ORDER, GIB, MODES, MemoryModeError, component_bytes, fit, shape_of_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH_NAME = "sd35-large-architecture.json"
@@ -92,7 +106,8 @@ TARGET_SIZE = 1024
 TARGET_STEPS = 4
 TARGET_CLIENTS = 16
 
-PROMPT = "an astronaut riding a horse on the moon, photograph"  # < 77 tokens even spelled out by byte
+PROMPT = "an astronaut riding a horse on the moon, photograph"
+QUALITY_SEED = 1000  # < 77 tokens even spelled out by byte
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,11 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("channels_last", {"VAE_CHANNELS_LAST": "true"}, "VAE in channels_last layout"),
         Scenario("no_t5", {"MEMORY_MODE": "no_t5"}, "T5-XXL dropped: CLIP-only prompts"),
         Scenario("cpu_offload", {"MEMORY_MODE": "cpu_offload"}, "one component on the GPU at a time"),
+        Scenario("fp8", {"MEMORY_MODE": "fp8"}, "transformer in float8 (torchao, dynamic activations)"),
+        Scenario("int8", {"MEMORY_MODE": "int8"}, "transformer and T5 in int8 weight-only (torchao)"),
+        Scenario("nf4", {"MEMORY_MODE": "nf4"}, "transformer and T5 in NF4 (bitsandbytes)"),
+        Scenario("nf4_no_t5", {"MEMORY_MODE": "nf4_no_t5"}, "NF4 transformer, T5 dropped"),
+        Scenario("auto", {"MEMORY_MODE": "auto"}, "whatever MEMORY_MODE=auto picks on this GPU"),
         Scenario(
             "all",
             {"TORCH_COMPILE": "blocks", "ENABLE_CACHE_DIT": "true", "VAE_CHANNELS_LAST": "true"},
@@ -294,50 +314,95 @@ def components_table(components: dict[str, dict[str, int]], dtype_name: str) -> 
     return "\n".join(rows)
 
 
-# --- the loader: random weights, then load_pipeline's knobs ------------------
+# GPU memory sizes of common cards, in GiB, and what the driver and CUDA
+# context leave unavailable on each.
+CARDS_GIB = (12, 16, 24, 40, 48, 80)
+CONTEXT_GIB = 0.6
 
 
-def make_loader(
-    arch: dict[str, Any], sizes: dict[str, int], record: dict[str, Any]
-) -> Callable[[Settings, int], tuple[Any, str]]:
-    """A ``load_pipeline`` stand-in: the random pipeline, then the knobs exactly as ``load_pipeline`` applies them.
+def memory_modes_table(arch: dict[str, Any], max_batch_images: int = 8) -> str:
+    """Every memory mode: its weights on the GPU (computed from ``arch``) and which cards it fits."""
+    shape = shape_of_pipeline(build_random_pipeline(arch, "meta", torch.bfloat16))
+    header = " | ".join(f"{gib} GB" for gib in CARDS_GIB)
+    rows = [
+        f"| MEMORY_MODE | transformer | T5-XXL | CLIP-L + CLIP-G | VAE | on the GPU | {header} |",
+        "|---|---:|---:|---:|---:|---:|" + "---|" * len(CARDS_GIB),
+    ]
+    for name, mode in MODES.items():
+        sizes = shape.weight_bytes(mode)
+        cells = []
+        for gib in CARDS_GIB:
+            free = int((gib - CONTEXT_GIB) * GIB)
+            try:
+                plan = fit(name, shape, free, max_batch_images)
+            except MemoryModeError:
+                cells.append("no")
+                continue
+            cells.append("yes" if plan.max_batch_images == max_batch_images else f"batch ≤ {plan.max_batch_images}")
 
-    ``sizes`` are the bytes per component (from a meta build), so the memory
-    check runs before anything is allocated, as it does for a real checkpoint
-    that from_pretrained has put in host memory. The pipeline goes into
-    ``record`` so the scenario can free it whatever the service does.
+        def size(component: str, sizes: dict[str, int] = sizes) -> str:
+            return f"{sizes[component] / GIB:.1f}" if component in sizes else "—"
+
+        clip = (sizes["text_encoder"] + sizes["text_encoder_2"]) / GIB
+        on_gpu = shape.resident_bytes(mode) / GIB
+        rows.append(
+            f"| `{name}` | {size('transformer')} | {size('text_encoder_3')} | {clip:.1f} | {size('vae')} "
+            f"| {on_gpu:.1f}{' (largest component)' if mode.offload else ''} | {' | '.join(cells)} |"
+        )
+    picks = []
+    for gib in CARDS_GIB:
+        plan = fit("auto", shape, int((gib - CONTEXT_GIB) * GIB), max_batch_images)
+        picks.append(f"{gib} GB → `{plan.mode.name}`")
+    working = shape.working_bytes(max_batch_images) / GIB
+    return "\n".join(
+        [
+            *rows,
+            "",
+            f"GiB of weights; a card fits a mode when the weights plus the working memory of a batch of "
+            f"{max_batch_images} images at 1024² ({working:.1f} GiB with the VAE decoding one image at a time) fit in "
+            f"the card's memory less {CONTEXT_GIB} GiB for the CUDA context; 'batch ≤ N' means MAX_BATCH_IMAGES is "
+            f"capped to N there. MEMORY_MODE=auto tries {', '.join(AUTO_ORDER)}: {'; '.join(picks)}.",
+        ]
+    )
+
+
+# --- the checkpoint: random weights on disk, loaded by the service's own loader ---
+
+# The service's loader, kept before harness.serve puts the recording one in its place.
+LOAD_PIPELINE = loading.load_pipeline
+
+
+def save_random_checkpoint(arch: dict[str, Any], directory: Path, device: str, dtype: torch.dtype) -> Path:
+    """A diffusers checkpoint of ``arch`` with random weights (seed 0), reused while ``arch`` and ``dtype`` hold.
+
+    Every scenario then loads it through ``load_pipeline`` exactly as a real
+    checkpoint is loaded, quantization included: the benchmark measures the
+    service's own loading path, not a copy of it.
     """
+    stamp = {"arch": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(), "dtype": str(dtype)}
+    marker = directory / "sd35-random-checkpoint.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        log(f"reusing the random checkpoint in {directory}")
+        return directory
+    shutil.rmtree(directory, ignore_errors=True)
+    started = time.perf_counter()
+    pipe = build_random_pipeline(arch, device, dtype)
+    pipe.save_pretrained(directory)
+    marker.write_text(json.dumps(stamp))
+    release({"pipeline": pipe})
+    log(f"saved a random checkpoint to {directory} in {time.perf_counter() - started:.0f} s")
+    return directory
+
+
+def recording_loader(record: dict[str, Any]) -> Callable[[Settings, int], tuple[Any, str]]:
+    """``load_pipeline`` itself, timed; the pipeline goes into ``record`` so the scenario can free it."""
 
     def loader(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
         started = time.perf_counter()
-        device = resolve_device(settings.device, worker_index)
-        record["device"] = device
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        drop_t5 = settings.memory_mode == "no_t5"
-        offload = settings.memory_mode == "cpu_offload" and device.startswith("cuda")
-        # Built straight on the device: random init of 27 GB takes minutes on
-        # a CPU and seconds on a GPU. For cpu_offload, enable_model_cpu_offload
-        # moves it to the host first; only a GPU too small to hold it all
-        # builds it on the host, where from_pretrained would have loaded it.
-        build_on = device
-        if device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info(device)
-            needed = {name: size for name, size in sizes.items() if not (drop_t5 and name == "text_encoder_3")}
-            check_fits(needed, settings.memory_mode, free, total, device)
-            if offload and sum(needed.values()) + WORKING_MEMORY_BYTES > free:
-                build_on = "cpu"
-        record["built_on"] = build_on
-        pipe = build_random_pipeline(arch, build_on, dtype, with_t5=not drop_t5)
-        record["pipeline"] = pipe
-        if offload:
-            pipe.enable_model_cpu_offload(device=device)
-        if settings.vae_channels_last:
-            pipe.vae.to(memory_format=torch.channels_last)
-        if settings.enable_cache_dit:
-            acceleration.enable_cache_dit(pipe)
-            record["cache_dit"] = True
-        if settings.torch_compile != "off":
-            acceleration.compile_transformer(pipe, settings.torch_compile)
+        pipe, device = LOAD_PIPELINE(settings, worker_index)
+        record.update(pipeline=pipe, device=device, memory_mode=settings.memory_mode)
+        record["max_batch_images"] = settings.max_batch_images
+        record["weight_gib"] = sum(component_bytes(pipe).values()) / GIB
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
             record["vram_after_load_gib"] = torch.cuda.memory_allocated(device) / GIB
@@ -345,6 +410,35 @@ def make_loader(
         return pipe, device
 
     return loader
+
+
+# --- quality against full on the same seeds ---------------------------------
+
+
+def quality_images(base_url: str, args: argparse.Namespace) -> list[np.ndarray]:
+    """Fixed-seed images of this scenario, to compare with ``baseline``'s."""
+    images = []
+    with httpx.Client(base_url=base_url, timeout=600) as http:
+        for seed in range(args.quality_seeds):
+            body = {
+                "prompt": args.prompt,
+                "size": f"{args.size}x{args.size}",
+                "num_inference_steps": args.steps,
+                "seed": QUALITY_SEED + seed,
+                "output_format": "png",
+            }
+            response = http.post("/v1/images/generations", json=body)
+            response.raise_for_status()
+            data = base64.b64decode(response.json()["data"][0]["b64_json"])
+            images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return images
+
+
+def compare(images: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    """Mean absolute difference (of 255) and PSNR (dB) against the reference images, over all seeds."""
+    diff = np.stack(images).astype(np.float64) - np.stack(reference).astype(np.float64)
+    mse = float(np.mean(diff**2))
+    return {"mad": float(np.mean(np.abs(diff))), "psnr_db": float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)}
 
 
 def release(record: dict[str, Any]) -> None:
@@ -385,16 +479,11 @@ def failures(result: harness.LoadResult) -> str | None:
 
 
 def run_scenario(
-    scenario: Scenario,
-    args: argparse.Namespace,
-    arch: dict[str, Any],
-    sizes: dict[str, int],
-    model_id: str,
-    device: str,
+    scenario: Scenario, args: argparse.Namespace, checkpoint: Path, device: str, references: dict[str, Any]
 ) -> dict[str, Any]:
     env = {
         **BASE_ENV,
-        "MODEL_ID": model_id,
+        "MODEL_ID": str(checkpoint),
         "DEVICE": args.device,
         "DEFAULT_NUM_INFERENCE_STEPS": str(args.steps),
         "LOG_LEVEL": args.log_level,
@@ -424,13 +513,15 @@ def run_scenario(
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     try:
-        with harness.serve(env, loader=make_loader(arch, sizes, record)) as base_url:
+        with harness.serve(env, loader=recording_loader(record)) as base_url:
             result["ready_s"] = time.perf_counter() - started
             result["load_s"] = record.get("load_s")
             result["warmup_s"] = result["ready_s"] - record.get("load_s", 0.0)
             on_cuda = device.startswith("cuda")
             result["device"] = record.get("device")
-            result["built_on"] = record.get("built_on")
+            result["memory_mode"] = record.get("memory_mode")
+            result["max_batch_images"] = record.get("max_batch_images")
+            result["weight_gib"] = record.get("weight_gib")
             result["vram_after_load_gib"] = record.get("vram_after_load_gib")
             result["vram_peak_load_gib"] = torch.cuda.max_memory_allocated(device) / GIB if on_cuda else None
             log(
@@ -469,6 +560,11 @@ def run_scenario(
                 result["vram_peak_traffic_gib"] = result["vram_reserved_peak_gib"] = None
             if "pipeline" in record and scenario.env.get("ENABLE_CACHE_DIT") == "true":
                 result["cached_steps"] = acceleration.cached_steps(record["pipeline"])
+            images = quality_images(base_url, args)
+            if scenario.name == "baseline":
+                references["baseline"] = images
+            elif "baseline" in references:
+                result["quality_vs_baseline"] = compare(images, references["baseline"])
             result["error"] = failures(sequential) or failures(concurrent)
             result["ok"] = result["error"] is None
     # A failing scenario (OOM, compile error, a bad variable: service.py exits on
@@ -530,21 +626,24 @@ def scenario_table(run: dict[str, Any], runs: list[dict[str, Any]] | None = None
     base_ips = baseline["images_per_second"] if baseline else None
     clients = run["settings"]["clients"]
     rows = [
-        f"| scenario | load s | warm-up s | priming s | p50 s | p95 s | p50 vs baseline | img/s ({clients} clients) "
-        "| img/s vs baseline | p50 s under load | GiB after load | peak GiB load | peak GiB traffic "
-        "| p50 target | img/s target | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        f"| scenario | mode | weights GiB | max batch | load s | warm-up s | priming s | p50 s | p95 s "
+        f"| p50 vs baseline | img/s ({clients} clients) | img/s vs baseline | p50 s under load | GiB after load "
+        "| peak GiB load | peak GiB traffic | MAD vs baseline | PSNR dB | p50 target | img/s target | error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in run["scenarios"]:
         verdict = r.get("targets") or {}
         error = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")
+        quality = r.get("quality_vs_baseline") or {}
         rows.append(
-            f"| {r['scenario']} | {fmt(r.get('load_s'), '.1f')} | {fmt(r.get('warmup_s'), '.1f')} "
-            f"| {fmt(r.get('priming_s'), '.1f')} "
+            f"| {r['scenario']} | {r.get('memory_mode') or '–'} | {fmt(r.get('weight_gib'), '.2f')} "
+            f"| {fmt(r.get('max_batch_images'), 'd')} | {fmt(r.get('load_s'), '.1f')} "
+            f"| {fmt(r.get('warmup_s'), '.1f')} | {fmt(r.get('priming_s'), '.1f')} "
             f"| {fmt(r.get('p50_s'))} | {fmt(r.get('p95_s'))} | {ratio(r.get('p50_s'), base_p50)} "
             f"| {fmt(r.get('images_per_second'), '.2f')} | {ratio(r.get('images_per_second'), base_ips)} "
             f"| {fmt(r.get('concurrent_p50_s'))} | {fmt(r.get('vram_after_load_gib'), '.1f')} "
             f"| {fmt(r.get('vram_peak_load_gib'), '.1f')} | {fmt(r.get('vram_peak_traffic_gib'), '.1f')} "
+            f"| {fmt(quality.get('mad'), '.2f')} | {fmt(quality.get('psnr_db'), '.1f')} "
             f"| {verdict.get('p50') or 'n/a'} | {verdict.get('images_per_second') or 'n/a'} | {error[:300]} |"
         )
     return "\n".join(rows)
@@ -605,15 +704,19 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, COLUMNS])
 
 
-COLUMNS = """Columns: *load s*: building the random weights and applying the knobs; *warm-up s*: from then until the
+COLUMNS = """Columns: *mode*: the MEMORY_MODE the service resolved (what `auto` chose); *weights GiB*: the weights
+the loaded pipeline holds, quantized ones at their stored size; *max batch*: MAX_BATCH_IMAGES after the memory plan
+(capped where a full batch would not fit); *MAD vs baseline* / *PSNR dB*: mean absolute difference (of 255) and
+PSNR of fixed-seed images against the same seeds in baseline (bf16) in this run: on random weights this measures
+numeric drift, not perceived quality, which needs the real weights; *load s*: load_pipeline reading the random
+checkpoint from disk and applying the knobs (quantizing, for the quantized modes); *warm-up s*: from then until the
 service is ready (the service's start and one 1024² warm-up generation, which includes torch.compile's
 compilation); *priming s*: untimed requests before measuring (one for 2 images, then one per client: the first
 multi-image batch, which torch.compile compiles again); *p50/p95 s*: sequential n=1 requests over HTTP, end to
 end (image encoding included); *img/s*: images per second with the concurrent clients, whom the engine batches;
 *vs baseline*: the same figure over the latest baseline measured with the same settings; *GiB after load*:
 torch.cuda.memory_allocated once the knobs are applied; *peak GiB load*: max_memory_allocated through load and
-warm-up (cpu_offload builds its weights on the GPU where they fit, then moves them to the host, so its load
-peak is the whole model); *peak GiB traffic*: max_memory_allocated during the priming, sequential and
+warm-up; *peak GiB traffic*: max_memory_allocated during the priming, sequential and
 concurrent requests, reset after warm-up.
 """
 
@@ -646,8 +749,8 @@ def previous_runs(path: Path) -> list[dict[str, Any]]:
 
 # --- the command line --------------------------------------------------------
 
-FULL_DEFAULTS = {"size": 1024, "sequential": 20, "clients": 16, "per_client": 4}
-QUICK_DEFAULTS = {"size": 256, "sequential": 3, "clients": 2, "per_client": 2}
+FULL_DEFAULTS = {"size": 1024, "sequential": 20, "clients": 16, "per_client": 4, "quality_seeds": 4}
+QUICK_DEFAULTS = {"size": 256, "sequential": 3, "clients": 2, "per_client": 2, "quality_seeds": 2}
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -691,7 +794,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="WARNING", help="the service's LOG_LEVEL (default WARNING)")
     parser.add_argument("--arch", type=Path, default=DEFAULT_ARCH, help="the published component configurations")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the .json and .md results")
-    parser.add_argument("--describe", action="store_true", help="only print the parameter counts, then exit")
+    parser.add_argument(
+        "--describe",
+        action="store_true",
+        help="only print the parameter counts and every memory mode's weights and fits, then exit",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="where the random checkpoint is saved and reused (default: a folder in the temp directory)",
+    )
+    parser.add_argument(
+        "--quality-seeds", type=int, help="fixed-seed images compared with baseline's (default 4; --quick 2)"
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
         if getattr(args, name) is None:
@@ -719,8 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     components = describe(arch, dtype)
     log(f"{model_id} ({dtype_name}), from {args.arch}:\n{components_table(components, dtype_name)}")
     if args.describe:
+        log("\nMemory modes (weights computed from the architecture):\n" + memory_modes_table(arch))
         return 0
 
+    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"sd35-{model_id}-{dtype_name}"
+    save_random_checkpoint(arch, checkpoint, device, dtype)
+    references: dict[str, Any] = {}
     reasons = []
     if args.tiny:
         reasons.append("tiny shapes")
@@ -761,11 +880,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs.append(run)
     log(f"{run['machine']}\n{targets_line()}")
-    sizes = {name: info["bytes"] for name, info in components.items()}
     for index, name in enumerate(args.scenario_names, 1):
         scenario = SCENARIOS[name]
         log(f"[{index}/{len(args.scenario_names)}] {name}: {scenario.about}")
-        result = run_scenario(scenario, args, arch, sizes, model_id, device)
+        result = run_scenario(scenario, args, checkpoint, device, references)
         result["targets"] = judge(result, run["judged"])
         run["scenarios"].append(result)
         json_path, md_path = save(args.out, stem, runs)

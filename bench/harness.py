@@ -26,7 +26,7 @@ import httpx
 import torch
 import uvicorn
 
-import sd35.engine
+import sd35.engine.loading
 from sd35.config import Settings
 
 
@@ -57,9 +57,9 @@ def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = N
     env = {"IMAGE_STORE_DIR": images.name, **env}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
-    original_loader = sd35.engine.load_pipeline
+    original_loader = sd35.engine.loading.load_pipeline
     if loader is not None:
-        sd35.engine.load_pipeline = loader
+        sd35.engine.loading.load_pipeline = loader
     try:
         import service
 
@@ -76,7 +76,7 @@ def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = N
             server.should_exit = True
             thread.join(60)
     finally:
-        sd35.engine.load_pipeline = original_loader
+        sd35.engine.loading.load_pipeline = original_loader
         forget_bentoml_metrics()
         images.cleanup()
         for name, value in saved.items():

@@ -426,6 +426,8 @@ def create_app() -> FastAPI:
                 model_loaded=status.loaded,
                 model=serving.settings.model_id,
                 detail=status.detail,
+                memory_mode=serving.engine.memory_mode,
+                weight_bytes=serving.engine.weight_bytes if status.loaded else None,
             )
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if body.model_loaded else 503)
 

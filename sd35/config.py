@@ -18,6 +18,9 @@ DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-3.5-large-turbo"
 
 T = TypeVar("T")
 
+# sd35.engine.memory describes each; auto picks the best that fits the GPU.
+MEMORY_MODES = ("auto", "full", "fp8", "int8", "nf4", "nf4_no_t5", "no_t5", "cpu_offload")
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -66,13 +69,16 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
     log_level: str = "INFO"
-    memory_mode: str = "full"
+    memory_mode: str = "auto"
     torch_compile: str = "off"
     vae_channels_last: bool = False
+    # Not an environment variable: the memory plan turns it on when a full
+    # batch decoded at once would not fit (see sd35.engine.memory).
+    vae_slicing: bool = False
     warmup: bool = True
     workers: int = 1
     cors_allow_origins: tuple[str, ...] = ()
-    shutdown_grace_seconds: float = 25.0
+    shutdown_grace_seconds: float = 5.0
     public_base_url: str | None = None
     image_store: str = "local"
     image_store_dir: Path = field(default_factory=lambda: Path("~/.cache/sd35/images").expanduser())
@@ -236,7 +242,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         log_level=_parse(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
         memory_mode=_parse(
-            env, "MEMORY_MODE", "full", _choice("full", "no_t5", "cpu_offload"), "full, no_t5 or cpu_offload"
+            env, "MEMORY_MODE", "auto", _choice(*MEMORY_MODES), ", ".join(MEMORY_MODES[:-1]) + " or " + MEMORY_MODES[-1]
         ),
         torch_compile=_parse(env, "TORCH_COMPILE", "off", _choice("off", "blocks", "full"), "off, blocks or full"),
         vae_channels_last=_parse(env, "VAE_CHANNELS_LAST", False, _bool, "true or false"),
@@ -246,7 +252,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "CORS_ALLOW_ORIGINS", (), _origins, "origins such as https://app.example.com, comma-separated, or *"
         ),
         shutdown_grace_seconds=_parse(
-            env, "SHUTDOWN_GRACE_SECONDS", 25.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
+            env, "SHUTDOWN_GRACE_SECONDS", 5.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
         ),
         **_image_store_settings(env),
     )

@@ -126,6 +126,12 @@ class HealthResponse(BaseModel):
     model_loaded: bool
     model: str
     detail: str | None = Field(default=None, description="Why the model is not loaded yet, or why loading failed.")
+    memory_mode: str | None = Field(
+        default=None, description="The resolved MEMORY_MODE (what `auto` chose), once loading has begun."
+    )
+    weight_bytes: int | None = Field(
+        default=None, description="Bytes of model weights held, quantized weights at their stored size."
+    )
 
 
 class ModelCard(BaseModel):

@@ -103,7 +103,8 @@ def test_bento_holds_exactly_what_runs(built: tuple[dict[str, str], str, Path]) 
     _, _, bento = built
     src = bento / "src"
     files = {str(path.relative_to(src)) for path in src.rglob("*") if path.is_file()}
-    package = {f"sd35/{path.name}" for path in (ROOT / "sd35").glob("*.py")}
+    package = {str(path.relative_to(ROOT)) for path in (ROOT / "sd35").rglob("*.py")}
+    assert "sd35/engine/worker.py" in package, "the engine package is part of what runs"
     static = {f"sd35/static/{path.name}" for path in (ROOT / "sd35" / "static").iterdir()}
     assert static == {"sd35/static/playground.html"}
     assert files == {"service.py", "bentofile.yaml", *package, *static}

@@ -22,7 +22,7 @@ def test_defaults() -> None:
     assert settings.enable_cache_dit is False
     assert (settings.default_num_inference_steps, settings.default_guidance_scale) == (4, 0.0)
     assert settings.device == "auto"
-    assert (settings.memory_mode, settings.torch_compile, settings.vae_channels_last) == ("full", "off", False)
+    assert (settings.memory_mode, settings.torch_compile, settings.vae_channels_last) == ("auto", "off", False)
     assert (settings.warmup, settings.workers) == (True, 1)
 
 

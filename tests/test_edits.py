@@ -218,7 +218,7 @@ def test_edits_share_the_loaded_weights(client: TestClient) -> None:
             ("mask", ("m.png", mask(256, 256, np.ones((256, 256), bool)), "image/png")),
         ],
     )
-    for edit_pipe in engine._edit_pipelines.values():
+    for edit_pipe in engine.runner._edit_pipelines.values():
         assert edit_pipe.transformer is engine.pipeline.transformer and edit_pipe.vae is engine.pipeline.vae
     assert engine.pipeline.transformer.dtype == engine.pipeline.dtype
 

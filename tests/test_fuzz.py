@@ -71,7 +71,7 @@ def fuzz_server() -> Iterator[str]:
         import service
 
         edit = InstantEditPipeline()
-        service.app.state.serving.engine._edit_pipelines.update({"img2img": edit, "inpaint": edit})
+        service.app.state.serving.engine.runner._edit_pipelines.update({"img2img": edit, "inpaint": edit})
         yield base_url
 
 

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import sd35.engine
+import sd35.engine.loading
 from sd35.acceleration import cached_steps
 from sd35.config import Settings
-from sd35.engine import GIB, GenerationEngine, GenerationParams, check_fits, component_bytes, load_pipeline
+from sd35.engine import GenerationEngine, GenerationParams
+from sd35.engine.calls import PipelineRunner
+from sd35.engine.loading import load_pipeline
+from sd35.engine.memory import component_bytes
 
 PARAMS = GenerationParams(
     prompt="a lighthouse", width=64, height=64, num_images=1, seed=3, num_inference_steps=4, guidance_scale=0.0
@@ -21,9 +24,7 @@ PARAMS = GenerationParams(
 
 
 def generate(pipe: Any, params: GenerationParams = PARAMS) -> np.ndarray:
-    engine = GenerationEngine(Settings(model_id="tiny", warmup=False))
-    engine.pipeline = pipe
-    return engine._call_pipeline([params])[0][0]
+    return PipelineRunner(pipe)([params])[0][0]
 
 
 def settings(tiny_model_dir: Path, **overrides: Any) -> Settings:
@@ -54,47 +55,21 @@ def test_component_bytes_counts_every_module(tiny_model_dir: Path) -> None:
     assert sizes["transformer"] >= expected > 0
 
 
-SD35_LARGE = {  # bf16 bytes of the published components, rounded
-    "transformer": 16_300_000_000,
-    "text_encoder_3": 9_500_000_000,
-    "text_encoder_2": 1_400_000_000,
-    "text_encoder": 250_000_000,
-    "vae": 170_000_000,
-}
-
-
-def test_full_mode_that_cannot_fit_names_the_alternatives() -> None:
-    with pytest.raises(RuntimeError) as raised:
-        check_fits(SD35_LARGE, "full", free_bytes=23 * GIB, total_bytes=24 * GIB, device="cuda:0")
-    message = str(raised.value)
-    assert "MEMORY_MODE=full needs about 32 GiB" in message and "23.0 GiB of 24.0 GiB is free" in message
-    assert "MEMORY_MODE=no_t5 (needs about 23 GiB)" in message and "MEMORY_MODE=cpu_offload" in message
-
-
-def test_modes_that_fit_pass() -> None:
-    check_fits(SD35_LARGE, "full", free_bytes=79 * GIB, total_bytes=80 * GIB, device="cuda:0")
-    without_t5 = {name: size for name, size in SD35_LARGE.items() if name != "text_encoder_3"}
-    check_fits(without_t5, "no_t5", free_bytes=24 * GIB, total_bytes=24 * GIB, device="cuda:0")
-    check_fits(SD35_LARGE, "cpu_offload", free_bytes=23 * GIB, total_bytes=24 * GIB, device="cuda:0")
-    with pytest.raises(RuntimeError, match="free GPU memory or use a larger GPU"):
-        check_fits(SD35_LARGE, "cpu_offload", free_bytes=16 * GIB, total_bytes=16 * GIB, device="cuda:0")
-
-
 def test_each_worker_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert [sd35.engine.resolve_device("auto", worker) for worker in (1, 2, 3, 4, 5)] == [
+    assert [sd35.engine.loading.resolve_device("auto", worker) for worker in (1, 2, 3, 4, 5)] == [
         "cuda:0",
         "cuda:1",
         "cuda:2",
         "cuda:3",
         "cuda:0",
     ]
-    assert sd35.engine.resolve_device("cuda:2", worker_index=1) == "cuda:2", "an explicit DEVICE wins"
+    assert sd35.engine.loading.resolve_device("cuda:2", worker_index=1) == "cuda:2", "an explicit DEVICE wins"
 
 
 def test_cpu_only_machine_uses_cpu_for_every_worker() -> None:
-    assert sd35.engine.resolve_device("auto", 3) == "cpu"
+    assert sd35.engine.loading.resolve_device("auto", 3) == "cpu"
 
 
 def test_warm_up_runs_before_ready(tiny_model_dir: Path) -> None:

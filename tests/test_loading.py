@@ -9,9 +9,9 @@ import httpx2
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-import sd35.engine
+import sd35.engine.loading
 from sd35.config import Settings
-from sd35.engine import describe_load_error
+from sd35.engine.loading import describe_load_error
 from tests.conftest import assert_openai_error, service_client
 
 GEN = "/v1/images/generations"
@@ -20,13 +20,13 @@ BODY = {"prompt": "a", "size": "256x256", "num_inference_steps": 1}
 
 def test_probes_answer_while_loading_then_ready(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
-    real_loader = sd35.engine.load_pipeline
+    real_loader = sd35.engine.loading.load_pipeline
 
     def slow_loader(settings: Settings, worker_index: int):
         assert release.wait(60), "test never released the loader"
         return real_loader(settings, worker_index)
 
-    monkeypatch.setattr(sd35.engine, "load_pipeline", slow_loader)
+    monkeypatch.setattr(sd35.engine.loading, "load_pipeline", slow_loader)
     with service_client({"MODEL_ID": str(tiny_model_dir), "API_KEY": "k"}, ready=False) as client:
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").status_code == 503
@@ -81,7 +81,9 @@ def test_offline_hub_download_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(Exception) as raised:
-        sd35.engine.load_pipeline(Settings(model_id="stabilityai/stable-diffusion-3.5-large-turbo", device="cpu"))
+        sd35.engine.loading.load_pipeline(
+            Settings(model_id="stabilityai/stable-diffusion-3.5-large-turbo", device="cpu")
+        )
     reason = describe_load_error(raised.value, Settings(model_id="stabilityai/stable-diffusion-3.5-large-turbo"))
     assert "unreachable" in reason and "HF_HOME" in reason
 
@@ -109,4 +111,4 @@ def test_unknown_repo_reason_names_model_id() -> None:
 
 def test_cuda_requested_without_gpu_is_explained(tiny_model_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        sd35.engine.load_pipeline(Settings(model_id=str(tiny_model_dir), device="cuda"))
+        sd35.engine.loading.load_pipeline(Settings(model_id=str(tiny_model_dir), device="cuda"))

@@ -1,0 +1,431 @@
+"""The generation engine: a bounded queue, batching, and one worker thread that makes every pipeline call.
+
+One engine owns one pipeline on one device. A diffusers pipeline is not
+thread-safe, so a single worker thread makes every call; concurrent requests
+that can share a call (same size, steps and guidance) are merged into one batch
+with one seeded generator per image, so each image is the one its seed gives
+alone (within ±1/255: kernels differ slightly with batch size). The worker
+hands back uint8 pixels and goes straight to the next batch: encoding happens
+elsewhere.
+
+A running batch is stopped at its next denoising step when nobody waits for it
+any more (every request timed out or its client left) and when the shutdown
+grace ends; its requests are then answered 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from sd35 import metrics
+from sd35.config import Settings
+from sd35.engine import loading
+from sd35.engine.calls import CallInterrupted, PipelineRunner
+from sd35.engine.memory import MemoryPlan, component_bytes
+from sd35.engine.params import GenerationParams
+from sd35.errors import (
+    APIError,
+    GenerationFailedError,
+    GPUOutOfMemoryError,
+    ModelNotLoadedError,
+    RateLimitError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    ValidationError,
+)
+from sd35.logs import REQUEST_ID
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_REASON = "the server shut down while these images were being made; retry it, another replica may answer"
+ABANDONED_REASON = "every request of the batch is gone"
+
+
+@dataclass
+class _Job:
+    params: GenerationParams
+    request_id: str = field(default_factory=REQUEST_ID.get)
+    future: concurrent.futures.Future[list[np.ndarray]] = field(default_factory=concurrent.futures.Future)
+    # Set when whoever waited gave up (timeout, client gone): a running
+    # future cannot be cancelled, so the worker looks at this instead.
+    abandoned: bool = False
+
+
+def _weight_bytes(pipe: Any) -> int | None:
+    components = getattr(pipe, "components", None)
+    return sum(component_bytes(pipe).values()) if isinstance(components, dict) else None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    loaded: bool
+    detail: str | None
+
+
+class GenerationEngine:
+    """Owns one pipeline; queues, batches and runs generation requests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        loader: Callable[[Settings, int], tuple[Any, str]] | None = None,
+        worker_index: int = 1,
+        on_ready: Callable[[float], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._loader = loader
+        self.worker_index = worker_index
+        self._on_ready = on_ready
+        self.runner: PipelineRunner | None = None
+        self.memory_plan: MemoryPlan | None = None
+        # Bytes of weights the loaded pipeline holds, quantized ones at their stored size.
+        self.weight_bytes: int | None = None
+        self.device: str | None = None
+        self._status = EngineStatus(False, "the model is loading")
+        self._pending: deque[_Job] = deque()
+        self._queued_images = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._draining = False
+        self._grace_over = threading.Event()
+        self._running: list[_Job] = []
+        self._worker = threading.Thread(target=self._run_worker, name="sd35-generation", daemon=True)
+
+    @property
+    def pipeline(self) -> Any:
+        return None if self.runner is None else self.runner.pipeline
+
+    @pipeline.setter
+    def pipeline(self, pipe: Any) -> None:
+        self.runner = PipelineRunner(pipe)
+
+    @property
+    def batch_sizes(self) -> deque[int]:
+        """Images per recent pipeline call (the warm-up not counted)."""
+        return deque() if self.runner is None else self.runner.batch_sizes
+
+    @property
+    def steps_run(self) -> deque[int]:
+        """Denoising steps each recent pipeline call ran (fewer than asked when it was interrupted)."""
+        return deque() if self.runner is None else self.runner.steps_run
+
+    # --- loading -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model in the background; requests get 503 until it is ready."""
+        threading.Thread(target=self._load, name="sd35-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        logger.info("loading the model: %s", self.settings.summary())
+        if not loading.looks_like_path(self.settings.model_id):
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            logger.info(
+                "weights come from the Hugging Face Hub into %s (the first start downloads ~30 GB; "
+                "progress bars follow, later starts read the cache)",
+                HF_HUB_CACHE,
+            )
+        try:
+            device = loading.resolve_device(self.settings.device, self.worker_index)
+            # The mode and the batch size are settled before any weight is read.
+            self.settings, self.memory_plan = loading.resolve_memory(self.settings, device)
+            pipe, self.device = (self._loader or loading.load_pipeline)(self.settings, self.worker_index)
+            self.pipeline = pipe
+            self.weight_bytes = _weight_bytes(pipe)
+            if self.settings.warmup:
+                self._warm_up()
+        except Exception as exc:  # any failure must become a reason, never a crash loop
+            reason = loading.describe_load_error(exc, self.settings)
+            logger.error("model failed to load: %s", reason)
+            logger.debug("load failure details", exc_info=exc)
+            self._status = EngineStatus(False, f"the model failed to load: {reason}")
+            return
+        self._worker.start()
+        self._status = EngineStatus(True, None)
+        metrics.MODEL_LOADED.inc()
+        seconds = time.monotonic() - started
+        logger.info("model %s ready on %s in %.1f s", self.settings.model_id, self.device, seconds)
+        if self._on_ready is not None:
+            self._on_ready(seconds)
+
+    def _warm_up(self) -> None:
+        """Generations of the common shapes before reporting ready.
+
+        The first call pays for CUDA kernel selection and, with TORCH_COMPILE,
+        for compilation (minutes); no user request should. A compiled graph is
+        first specialised to the shapes it sees, then generalised on the first
+        other batch size or image size: the warm-up shows it both.
+        """
+        assert self.runner is not None
+        started = time.monotonic()
+        self._status = EngineStatus(False, "the model is loaded and warming up")
+        base = GenerationParams(
+            prompt="warm-up",
+            width=1024,
+            height=1024,
+            num_images=1,
+            seed=0,
+            num_inference_steps=self.settings.default_num_inference_steps,
+            guidance_scale=self.settings.default_guidance_scale,
+        )
+        shapes = [base]
+        if self.settings.torch_compile != "off":
+            shapes += [replace(base, num_images=2), replace(base, width=768, height=1024)]
+        for params in shapes:
+            self.runner([params])
+        self.runner.batch_sizes.clear()
+        self.runner.steps_run.clear()
+        logger.info("warm-up took %.1f s (%d shapes)", time.monotonic() - started, len(shapes))
+
+    @property
+    def status(self) -> EngineStatus:
+        return self._status
+
+    @property
+    def ready(self) -> bool:
+        return self._status.loaded
+
+    @property
+    def memory_mode(self) -> str | None:
+        """The resolved ``MEMORY_MODE`` (``auto`` decided), once the load has begun."""
+        return None if self.memory_plan is None else self.memory_plan.mode.name
+
+    # --- shutdown ----------------------------------------------------------
+
+    def close(self, wait_seconds: float = 0) -> None:
+        """Stop the worker after its current batch; wait up to ``wait_seconds`` for that batch.
+
+        Exiting while the worker is inside torch would abort the process
+        ("terminate called without an active exception") instead of exiting 0.
+        """
+        with self._cond:
+            if self.ready and not self._closed:
+                metrics.MODEL_LOADED.dec()
+            self._closed = True
+            self._cond.notify_all()
+        if wait_seconds and self._worker.is_alive():
+            self._worker.join(wait_seconds)
+
+    def drain(self, grace_seconds: float) -> None:
+        """Stop taking work; what is queued may still run for ``grace_seconds``.
+
+        When the grace ends, queued requests are refused and the running batch
+        is stopped at its next denoising step, all answered 503, so the process
+        can exit within the grace whatever the batch was.
+        """
+        with self._cond:
+            if self._draining:
+                return
+            self._draining = True
+        logger.info("shutting down: no new requests; finishing queued work for up to %g s", grace_seconds)
+        timer = threading.Timer(grace_seconds, self.end_grace)
+        timer.daemon = True
+        timer.start()
+
+    def end_grace(self) -> None:
+        """Refuse everything queued and interrupt the running batch (answered 503)."""
+        self._grace_over.set()
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+            self._queued_images = 0
+            metrics.QUEUE_IMAGES.set(0)
+        for job in pending:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(
+                    ServiceUnavailableError("The server shut down before this request could run; retry it.")
+                )
+
+    # --- requests ----------------------------------------------------------
+
+    async def generate(self, params: GenerationParams, timeout: float | None = None) -> list[np.ndarray]:
+        """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order."""
+        return await self.result(self.submit(params), timeout)
+
+    def count_prompt_tokens(self, prompt: str) -> int | None:
+        """Tokens of the prompt as the first text encoder's tokenizer counts them (before truncation)."""
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        return None if tokenizer is None else len(tokenizer(prompt, truncation=False).input_ids)
+
+    async def result(self, job: _Job, timeout: float | None = None) -> list[np.ndarray]:
+        """Wait for a submitted job; giving up (timeout, cancellation) drops it from the queue or the batch."""
+        timeout = self.settings.request_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
+        except TimeoutError:
+            job.abandoned = True
+            raise RequestTimeoutError(
+                f"The request did not finish within {timeout:g} seconds (REQUEST_TIMEOUT); try again later, "
+                "or with fewer or smaller images."
+            ) from None
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+
+    def submit(self, params: GenerationParams) -> _Job:
+        status = self._status
+        if not status.loaded:
+            raise ModelNotLoadedError(
+                f"The model is not ready: {status.detail}.",
+                retry_after=None if "failed" in (status.detail or "") else 10,
+            )
+        if params.num_images > self.settings.max_queue_images:
+            raise ValidationError(
+                f"n={params.num_images} is more than this server queues at once "
+                f"(MAX_QUEUE_IMAGES={self.settings.max_queue_images}); ask for fewer images.",
+                param="n",
+            )
+        job = _Job(params)
+        with self._cond:
+            if self._closed or self._draining:
+                raise ServiceUnavailableError(
+                    "The server is shutting down and takes no new requests; retry, another replica may answer.",
+                    retry_after=1,
+                )
+            if self._queued_images + params.num_images > self.settings.max_queue_images:
+                seconds_per_image = self.runner.seconds_per_image if self.runner else 1.0
+                raise RateLimitError(
+                    f"Too many images are queued ({self._queued_images} of {self.settings.max_queue_images}); "
+                    "retry after the indicated delay.",
+                    retry_after=self._queued_images * seconds_per_image,
+                )
+            self._pending.append(job)
+            self._queued_images += params.num_images
+            metrics.QUEUE_IMAGES.set(self._queued_images)
+            self._cond.notify()
+        job.future.add_done_callback(self._forget_if_cancelled)
+        return job
+
+    def _forget_if_cancelled(self, future: concurrent.futures.Future) -> None:
+        """A request that timed out or whose client left gives its place back at once."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            for job in self._pending:
+                if job.future is future:
+                    self._pending.remove(job)
+                    self._queued_images -= job.params.num_images
+                    metrics.QUEUE_IMAGES.set(self._queued_images)
+                    break
+
+    # --- the worker --------------------------------------------------------
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            first = self._pending.popleft()
+            batch, images = [first], first.params.num_images
+            for job in list(self._pending):
+                fits = images + job.params.num_images <= self.settings.max_batch_images
+                if fits and job.params.batch_key == first.params.batch_key:
+                    self._pending.remove(job)
+                    batch.append(job)
+                    images += job.params.num_images
+            self._queued_images -= images
+            metrics.QUEUE_IMAGES.set(self._queued_images)
+        # A request that timed out or went away while queued is dropped here,
+        # not run for nobody.
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _run_worker(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                self._run_batch(batch)
+
+    def _stop_reason(self, batch: list[_Job]) -> Callable[[], str | None]:
+        def reason() -> str | None:
+            if self._grace_over.is_set():
+                return SHUTDOWN_REASON
+            if all(job.abandoned for job in batch):
+                return ABANDONED_REASON
+            return None
+
+        return reason
+
+    def _call(self, batch: list[_Job], params: list[GenerationParams]) -> list[list[np.ndarray]]:
+        assert self.runner is not None
+        return self.runner(params, self._stop_reason(batch))
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        try:
+            results = self._call(batch, [job.params for job in batch])
+        except CallInterrupted as stop:
+            self._interrupted(batch, stop)
+            return
+        except Exception as exc:
+            if len(batch) > 1:
+                # Isolate the failure: one bad request must not fail its
+                # neighbours, and a batch too large for the GPU may fit in parts.
+                for job in batch:
+                    self._run_batch([job])
+                return
+            job = batch[0]
+            if job.params.num_images > 1 and self._is_out_of_memory(exc):
+                self._free_memory()
+                self._run_images_one_by_one(job)
+                return
+            job.future.set_exception(self._translate(exc, job))
+            return
+        for job, images in zip(batch, results, strict=True):
+            job.future.set_result(images)
+
+    def _interrupted(self, batch: list[_Job], stop: CallInterrupted) -> None:
+        ids = ", ".join(job.request_id for job in batch)
+        logger.info("stopped a batch after %d steps (%s): %s", stop.steps_run, stop.reason, ids)
+        for job in batch:
+            job.future.set_exception(ServiceUnavailableError(f"The request was stopped: {stop.reason}."))
+
+    def _run_images_one_by_one(self, job: _Job) -> None:
+        """Retry an out-of-memory request image by image (image i keeps seed + i)."""
+        images: list[np.ndarray] = []
+        try:
+            for seed in job.params.seeds():
+                images += self._call([job], [replace(job.params, num_images=1, seed=seed)])[0]
+        except CallInterrupted as stop:
+            self._interrupted([job], stop)
+            return
+        except Exception as exc:
+            job.future.set_exception(self._translate(exc, job))
+            return
+        logger.info("request %s: out of GPU memory as one batch; generated image by image", job.request_id)
+        job.future.set_result(images)
+
+    @staticmethod
+    def _is_out_of_memory(exc: BaseException) -> bool:
+        import torch
+
+        return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+    @staticmethod
+    def _free_memory() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _translate(self, exc: Exception, job: _Job) -> APIError:
+        if isinstance(exc, APIError):
+            return exc
+        if self._is_out_of_memory(exc):
+            self._free_memory()
+            logger.warning("request %s: CUDA out of memory during generation", job.request_id)
+            return GPUOutOfMemoryError(
+                "The GPU ran out of memory generating these images; try fewer images (n) or a smaller size."
+            )
+        # The exception text may quote the prompt: only at DEBUG.
+        logger.error("request %s: generation failed: %s", job.request_id, type(exc).__name__)
+        logger.debug("request %s: generation failure details", job.request_id, exc_info=exc)
+        return GenerationFailedError("Image generation failed; the server log has the details.")
