@@ -6,4 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/docker-daemon.sh
 scripts/base-image.sh
+# The compose tests use Debian's docker-compose (v1).
+command -v docker-compose >/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+}
 exec .venv/bin/python -m pytest -m container tests/test_container.py "$@"
