@@ -12,8 +12,10 @@
 # mirror with a private CA, it is what lets pip and uv inside the build reach
 # the index. On a plain network it is just the usual public CAs.
 #
+# PYPI_MIRROR, when set, becomes pip's and uv's index inside builds on this base.
+#
 #   scripts/base-image.sh            build the tag unless it exists
-#   BASE_IMAGE=... DEBIAN_MIRROR=... CA_BUNDLE=... scripts/base-image.sh
+#   BASE_IMAGE=... DEBIAN_MIRROR=... PYPI_MIRROR=... CA_BUNDLE=... scripts/base-image.sh
 set -euo pipefail
 
 BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
@@ -53,6 +55,10 @@ cp "$CA_BUNDLE" "$root/etc/ssl/certs/build-ca-bundle.crt"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb
 
 ca=/etc/ssl/certs/build-ca-bundle.crt
+index=()
+if [ -n "${PYPI_MIRROR:-}" ]; then
+    index=(--change "ENV PIP_INDEX_URL=$PYPI_MIRROR" --change "ENV UV_DEFAULT_INDEX=$PYPI_MIRROR")
+fi
 tar -C "$root" -c . | docker import \
     --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
@@ -62,5 +68,6 @@ tar -C "$root" -c . | docker import \
     --change "ENV REQUESTS_CA_BUNDLE=$ca" \
     --change 'ENV UV_SYSTEM_CERTS=1' \
     --change 'CMD ["python3"]' \
+    "${index[@]}" \
     - "$BASE_IMAGE" >/dev/null
 echo "$BASE_IMAGE: built from Debian's archive"
