@@ -31,7 +31,7 @@ install: $(STAMP)
 # machines (PyPI's CUDA build elsewhere). Then everything else exactly as locked,
 # hash-checked — the same versions the image installs (requirements.lock is a
 # subset of requirements-dev.lock); torch is not in the lock (see scripts/lock.sh).
-$(STAMP): requirements-dev.lock
+$(STAMP): requirements.txt requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
