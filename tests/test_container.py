@@ -104,6 +104,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     log = tmp_path_factory.mktemp("build") / "containerize.log"
     env = {
         **os.environ,
+        # The Bento goes to a store of the test's own, not the user's ~/bentoml.
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home")),
         "HF_TOKEN": SECRET_VALUES[0],
         "API_KEY": SECRET_VALUES[1],
         "HUGGING_FACE_HUB_TOKEN": SECRET_VALUES[2],
