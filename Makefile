@@ -23,7 +23,7 @@ export HOST PORT
 # Keep BentoML's store and usage tracking out of the user's home.
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install lock serve demo test bench browser lint format build containerize container-test clean
+.PHONY: install lock serve demo test bench browser checkov lint format build containerize container-test clean
 
 install: $(STAMP)
 
@@ -83,6 +83,14 @@ container-test: install
 ## browser: Debian's chromium for the browser tests (root; they are skipped without it)
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+## checkov: checkov in a venv of its own (it pins boto3 and packaging below ours); tests/test_kubernetes.py runs it
+CHECKOV_VENV ?= .cache/checkov
+checkov: $(CHECKOV_VENV)/bin/checkov
+
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov==3.3.30
 
 ## bench: CPU benchmarks on the tiny model → bench/results/cpu-<date>.md (GPU: see bench/README.md)
 bench: install

@@ -37,6 +37,7 @@ def test_probes_answer_while_loading_then_ready(tiny_model_dir: Path, monkeypatc
             "model_loaded": False,
             "model": str(tiny_model_dir),
             "detail": "the model is loading",
+            "memory_mode": "full",  # decided before the weights are read: auto is full on a CPU
         }
         response = client.post(GEN, json=BODY, headers={"Authorization": "Bearer k"})
         error = assert_openai_error(response, 503, "model_not_loaded")

@@ -242,3 +242,21 @@ async def _wait_and_generate(engine: GenerationEngine) -> list[np.ndarray]:
             return await engine.generate(PARAMS)
         await asyncio.sleep(0.05)
     raise AssertionError(engine.status)
+
+
+def test_int8_with_cache_dit_caches_a_step_deterministically(tiny_model_dir: Path, int8_pipe: Any) -> None:
+    from sd35.acceleration import cached_steps
+
+    pipe, _ = load_pipeline(Settings(model_id=str(tiny_model_dir), memory_mode="int8", enable_cache_dit=True))
+    runner = PipelineRunner(pipe)
+    first = runner([PARAMS])[0][0]
+    assert cached_steps(pipe) == [2]
+    runner([replace(PARAMS, seed=9, width=80)])
+    assert np.array_equal(runner([PARAMS])[0][0], first), "same seed, same image, with the cache on"
+
+
+def test_int8_with_torch_compile_matches_eager(tiny_model_dir: Path, int8_pipe: Any) -> None:
+    pipe, _ = load_pipeline(Settings(model_id=str(tiny_model_dir), memory_mode="int8", torch_compile="blocks"))
+    compiled = PipelineRunner(pipe)([PARAMS])[0][0].astype(int)
+    eager = PipelineRunner(int8_pipe)([PARAMS])[0][0].astype(int)
+    assert np.abs(compiled - eager).mean() < 1
