@@ -2,10 +2,15 @@
 # Every target installs what it needs into .venv first; re-running is quick.
 
 PYTHON   ?= python3
-# make containerize: the image tag, and the torch wheel index (empty = PyPI's
-# CUDA 13 build; https://download.pytorch.org/whl/cu128 for CUDA 12 drivers).
+# make containerize: the image tag, the torch wheel index (empty = PyPI's CUDA 13
+# build; https://download.pytorch.org/whl/cu128 for CUDA 12 drivers; an index with
+# torch alone is enough), and extra options for `bentoml containerize`
+# (e.g. CONTAINERIZE_OPTS="--opt network=host").
 IMAGE    ?= sd35:latest
 TORCH_INDEX_URL ?=
+CONTAINERIZE_OPTS ?=
+# The classic builder where the docker client has no buildx (BuildKit needs it).
+DOCKER_BUILDKIT ?= $(shell docker buildx version >/dev/null 2>&1 && echo 1 || echo 0)
 VENV     ?= .venv
 HOST     ?= 0.0.0.0
 PORT     ?= 8000
@@ -18,19 +23,27 @@ export HOST PORT
 # Keep BentoML's store and usage tracking out of the user's home.
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install serve demo test bench browser checkov lint format build containerize clean
+.PHONY: install lock serve demo test bench browser checkov lint format build containerize container-test clean
 
 install: $(STAMP)
 
-# torch goes in first and alone: `torch==2.13.0` takes the local CPU wheel on
-# CPU-only machines, and nothing installed afterwards can swap it for a build
-# that drags in gigabytes of CUDA packages.
-$(STAMP): requirements.txt requirements-dev.txt
+# torch goes in first and alone: its pin takes the local CPU wheel on CPU-only
+# machines (PyPI's CUDA build elsewhere). Then everything else exactly as locked,
+# hash-checked — the same versions the image installs (requirements.lock is a
+# subset of requirements-dev.lock); torch is not in the lock (see scripts/lock.sh).
+$(STAMP): requirements.txt requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
+	$(BIN)/python -m pip check
 	touch $@
+
+## lock: regenerate requirements*.lock from requirements.txt and requirements-dev.txt (uv pip compile, hashes)
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$$(grep -E '^uv==' requirements-dev.txt)"
+	UV=$(BIN)/uv PYTHON=$(BIN)/python scripts/lock.sh
 
 ## serve: the real model (MODEL_ID, default stabilityai/stable-diffusion-3.5-large-turbo) on HOST:PORT
 serve: install
@@ -59,8 +72,13 @@ build: install
 # TMPDIR keeps it there.
 containerize: build
 	mkdir -p build/tmp
-	TMPDIR="$(CURDIR)/build/tmp" $(BIN)/bentoml containerize sd35:latest --image-tag "$(IMAGE)" \
-		$(if $(TORCH_INDEX_URL),--opt build-arg=TORCH_INDEX_URL=$(TORCH_INDEX_URL))
+	DOCKER_BUILDKIT=$(DOCKER_BUILDKIT) TMPDIR="$(CURDIR)/build/tmp" \
+		$(BIN)/bentoml containerize sd35:latest --image-tag "$(IMAGE)" \
+		$(if $(TORCH_INDEX_URL),--opt build-arg=TORCH_INDEX_URL=$(TORCH_INDEX_URL)) $(CONTAINERIZE_OPTS)
+
+## container-test: build the image as `make containerize` does (CPU torch, no registry needed) and test it
+container-test: install
+	scripts/container-test.sh
 
 ## browser: Debian's chromium for the browser tests (root; they are skipped without it)
 browser:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 SECRET_VALUES = ("hf_sentinel_token_do_not_bake", "sk-sentinel-key-do-not-bake", "hub_sentinel_do_not_bake")
 HF_HOME = "/home/bentoml/.cache/huggingface"
+LOCKS = ("requirements.lock", "requirements-dev.lock", "requirements-torch.lock")
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +61,19 @@ def _check_dockerfile(dockerfile: str) -> None:
     assert start_period >= 600, "the first start downloads ~30 GB"
     users = [line for line in lines if line.startswith("USER")]
     assert users[-1] == "USER bentoml", "the server must run as the non-root user"
-    assert f"ENV HF_HOME={HF_HOME}" in lines
-    assert any(line.startswith("VOLUME") and HF_HOME in line for line in lines)
+    assert f"ENV HF_HOME={HF_HOME}" in lines and "ENV HOME=/home/bentoml" in lines
+    # No VOLUME: an anonymous volume would hide a cache mounted through the /root link.
+    assert not any(line.startswith("VOLUME") for line in lines)
     assert any('ln -sfn "$HF_HOME" /root/.cache/huggingface' in line for line in lines)
-    assert any("chown -R bentoml:bentoml /home/bentoml/.cache" in line for line in lines)
-    # The optional CUDA 12 torch comes in before the requirements, which then accept it.
+    assert any('chmod 1777 "$HOME" "$HOME/.cache" "$HF_HOME"' in line for line in lines), "any --user can write"
+    assert "ARG BENTO_USER_UID=1000" in lines
+    # torch first (the optional TORCH_INDEX_URL), then the lock, each hash-checked, never BentoML's install.sh.
     torch_step = next(i for i, line in enumerate(lines) if "TORCH_INDEX_URL" in line and line.startswith("RUN"))
-    install_step = next(i for i, line in enumerate(lines) if line.endswith("env/python/install.sh"))
+    lock_step = next(i for i, line in enumerate(lines) if "-r ./src/requirements.lock" in line)
     assert "ARG TORCH_INDEX_URL=" in lines[:torch_step]
-    assert torch_step < install_step
+    assert "--require-hashes --no-deps -r ./src/requirements.lock" in lines[lock_step] and torch_step < lock_step
+    assert not any("install.sh" in line for line in lines)
+    assert "ENV UV_NO_CACHE=1 PIP_NO_CACHE_DIR=1" in lines[: lines.index(next(x for x in lines if "uv venv" in x))]
     assert lines[-1].startswith("ENTRYPOINT") and "entrypoint.sh" in lines[-1]
 
 
@@ -107,7 +112,8 @@ def test_bento_holds_exactly_what_runs(built: tuple[dict[str, str], str, Path]) 
     assert "sd35/engine/worker.py" in package, "the engine package is part of what runs"
     static = {f"sd35/static/{path.name}" for path in (ROOT / "sd35" / "static").iterdir()}
     assert static == {"sd35/static/playground.html"}
-    assert files == {"service.py", "bentofile.yaml", *package, *static}
+    locks = {"requirements.lock", "requirements-torch.lock"}
+    assert files == {"service.py", "bentofile.yaml", *package, *static, *locks}
 
 
 def test_no_secret_is_baked_in(built: tuple[dict[str, str], str, Path]) -> None:
@@ -138,6 +144,47 @@ def test_requirements_are_pinned(built: tuple[dict[str, str], str, Path]) -> Non
     ]
     assert "torch==2.13.0" in lines and "bentoml==1.4.40" in lines
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", line) for line in lines), lines
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """``name: version`` of a requirements file's own ``name==version`` lines (extras dropped)."""
+    found = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)", path.read_text(), re.MULTILINE)
+    return {name.lower().replace("_", "-"): version for name, version in found}
+
+
+def _lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
+    """``name: (version, hashes)`` of a lock file written by `make lock`."""
+    entries = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", path.read_text()):
+        head = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", block)
+        if head:
+            hashes = frozenset(re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+            entries[head.group(1).lower().replace("_", "-")] = (head.group(2), hashes)
+    return entries
+
+
+def test_the_locks_match_the_requirements_and_each_other() -> None:
+    """Refreshed by `make lock`; this fails when a pin changed and the lock did not."""
+    runtime, dev, torch = (_lock(ROOT / name) for name in LOCKS)
+    assert all(hashes for lock in (runtime, dev, torch) for _, hashes in lock.values()), "every entry has hashes"
+    wanted = {**_pins(ROOT / "requirements.txt")}
+    torch_pin = wanted.pop("torch")
+    assert {name: runtime[name][0] for name in wanted} == wanted
+    dev_wanted = {**wanted, **_pins(ROOT / "requirements-dev.txt")}
+    assert {name: dev[name][0] for name in dev_wanted} == dev_wanted
+    # The image's lock is the development lock's runtime part: the tests run what the image runs.
+    assert {name: dev[name] for name in runtime} == runtime
+    # torch and the CUDA libraries only in the torch lock; what it shares with the others agrees.
+    cuda = {name for name in torch if name.startswith(("nvidia-", "cuda-")) or name in {"torch", "triton"}}
+    assert torch["torch"][0] == torch_pin and "triton" in cuda
+    assert not cuda & (set(runtime) | set(dev))
+    assert {name: torch[name] for name in set(torch) - cuda} == {name: runtime[name] for name in set(torch) - cuda}
+
+
+def test_the_bento_carries_the_locks(built: tuple[dict[str, str], str, Path]) -> None:
+    _, _, bento = built
+    for name in ("requirements.lock", "requirements-torch.lock"):
+        assert (bento / "src" / name).read_bytes() == (ROOT / name).read_bytes()
 
 
 def test_compose_file() -> None:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# make container-test: a Docker daemon and a python:3.11-slim base (both made
+# here when missing), then the container tests, which build the image with
+# `make containerize` (tag sd35:latest) and run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/docker-daemon.sh
+scripts/base-image.sh
+# The compose tests use Debian's docker-compose (v1).
+command -v docker-compose >/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+}
+exec .venv/bin/python -m pytest -m container tests/test_container.py "$@"
