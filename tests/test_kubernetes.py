@@ -33,7 +33,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from bentoml._internal.container.generate import BENTO_UID_GID, BENTO_USER
+from bentoml._internal.container.generate import BENTO_USER
 from prometheus_client.parser import text_string_to_metric_families
 from referencing import Registry, Resource
 
@@ -51,8 +51,9 @@ EXAMPLES = {"secret.example.yaml", "hpa/hpa.yaml"}
 KUBERNETES = "1.30"
 CHECKOV_VENV = ROOT / ".cache" / "checkov"
 
-# The image (deploy/Dockerfile.template on BentoML's base) runs as this user.
-IMAGE_UID = BENTO_UID_GID
+# The image runs as the user deploy/Dockerfile.template creates.
+DOCKERFILE = (ROOT / "deploy" / "Dockerfile.template").read_text()
+IMAGE_UID = int(re.search(r"^ARG BENTO_USER_UID=(\d+)$", DOCKERFILE, re.MULTILINE)[1])
 IMAGE_HOME = f"/home/{BENTO_USER}"
 
 SECRET_VARS = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
