@@ -89,6 +89,7 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
     from diffusers import StableDiffusion3Pipeline
 
     from sd35 import acceleration
+    from sd35.engine import adapters
     from sd35.engine.memory import check_fits, component_bytes
 
     device = resolve_device(settings.device, worker_index)
@@ -109,6 +110,7 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
         pipe.to(device)
     if settings.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
+    adapters.load_adapters(pipe, settings)  # before compiling: hot-swapping needs the slot in the graph
     if settings.enable_cache_dit:
         acceleration.enable_cache_dit(pipe)
     if settings.torch_compile != "off":
