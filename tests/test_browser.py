@@ -180,7 +180,7 @@ def test_playground_works_with_the_keyboard_alone(server: Server, offline: Offli
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "prompt"
     page.keyboard.type("a kite over the sea")
-    for _ in range(5):  # size, n, seed, format, key
+    for _ in range(6):  # model, size, n, seed, format, key
         page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "key"
     page.keyboard.type(KEY)

@@ -135,6 +135,7 @@ def _read(pipe: Any, adapter: AdapterSpec, settings: Settings) -> dict[str, Any]
         GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
     )
     from safetensors import SafetensorError
@@ -147,13 +148,13 @@ def _read(pipe: Any, adapter: AdapterSpec, settings: Settings) -> dict[str, Any]
         raise AdapterError(adapter, "not found on the Hugging Face Hub (a private repo also needs HF_TOKEN)") from None
     except EntryNotFoundError:
         raise AdapterError(adapter, f"the repo has no file {adapter.weight_name!r}") from None
-    except LocalEntryNotFoundError:
-        raise AdapterError(
-            adapter, "not in the local cache (HF_HOME) and the Hugging Face Hub is unreachable"
-        ) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError):
+        raise AdapterError(adapter, _UNREACHABLE) from None
     except SafetensorError as exc:
         raise AdapterError(adapter, f"not a readable .safetensors file ({exc})") from None
     except OSError as exc:
+        if "Unable to load weights" in str(exc):  # diffusers' wording for a file it cannot parse
+            raise AdapterError(adapter, "not a readable .safetensors file") from None
         if "no file named" in str(exc):
             raise AdapterError(
                 adapter, "no LoRA weights file found: expected pytorch_lora_weights.safetensors, or name the file"
@@ -163,11 +164,22 @@ def _read(pipe: Any, adapter: AdapterSpec, settings: Settings) -> dict[str, Any]
         if "Invalid LoRA checkpoint" in str(exc):
             raise AdapterError(adapter, "not a LoRA: none of its tensor names contains 'lora'") from None
         raise AdapterError(adapter, f"not a LoRA diffusers can read: {exc}") from None
+    except Exception as exc:
+        # httpx's connection errors are no ConnectionError.
+        if "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            raise AdapterError(adapter, _UNREACHABLE) from None
+        raise
+    if not any("lora" in key for key in state_dict):
+        raise AdapterError(adapter, "not a LoRA: none of its tensor names contains 'lora'")
     if not any(key.startswith(TRANSFORMER_PREFIX) for key in state_dict):
         raise AdapterError(adapter, _NO_LAYERS)
     return state_dict
 
 
+_UNREACHABLE = (
+    "not in the local cache (HF_HOME) and the Hugging Face Hub is unreachable (no network, a proxy, or "
+    "HF_HUB_OFFLINE=1)"
+)
 _NO_LAYERS = (
     "it gives the transformer no LoRA layers (its keys match no layer of this model; Kohya/civitai-style "
     "SD3.5 files can load as nothing without an error: convert it to the diffusers format)"
