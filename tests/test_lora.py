@@ -283,6 +283,7 @@ def test_compile_refuses_adapters_that_cannot_hot_swap(tiny_model_dir: Path, tmp
     with pytest.raises(AdapterError) as raised:
         load_pipeline(load_settings(env))
     assert str(raised.value).startswith("LORA_ADAPTERS: adapter 'v' (")
+    assert "targets 2 others (transformer_blocks.0.attn.to_v, transformer_blocks.1.attn.to_v)" in str(raised.value)
     assert "TORCH_COMPILE=off" in str(raised.value)
     # without compiling, the same two adapters are fine
     load_pipeline(load_settings({**env, "TORCH_COMPILE": "off"}))

@@ -186,6 +186,16 @@ _NO_LAYERS = (
 )
 
 
+def _targets(state_dict: dict[str, Any]) -> set[str]:
+    """The transformer layers an adapter changes."""
+    suffix = ".lora_A.weight"
+    return {
+        key[len(TRANSFORMER_PREFIX) : -len(suffix)]
+        for key in state_dict
+        if key.startswith(TRANSFORMER_PREFIX) and key.endswith(suffix)
+    }
+
+
 def _rank(state_dict: dict[str, Any]) -> int:
     return max(value.shape[0] for key, value in state_dict.items() if key.endswith("lora_A.weight"))
 
@@ -213,8 +223,8 @@ def _load(pipe: Any, adapter: AdapterSpec, settings: Settings, adapter_name: str
             raise AdapterError(adapter, f"diffusers could not load it: {exc}") from None
         raise AdapterError(
             adapter,
-            f"TORCH_COMPILE needs every adapter to hot-swap into the first one's layers, and this one does not "
-            f"({str(exc).splitlines()[0][:300]}); serve it with TORCH_COMPILE=off",
+            f"it cannot be hot-swapped, as TORCH_COMPILE needs ({' '.join(str(exc).split())[:300]}); "
+            "serve it with TORCH_COMPILE=off",
         ) from None
     if lora_layers(pipe.transformer, adapter_name) == 0:
         raise AdapterError(adapter, _NO_LAYERS)
@@ -235,7 +245,7 @@ def load_adapters(pipe: Any, settings: Settings) -> None:
             bank.names.append(adapter.name)
     for adapter in settings.lora_adapters:
         state_dict = state_dicts[adapter.name]
-        layers = sum(1 for key in state_dict if key.startswith(TRANSFORMER_PREFIX) and key.endswith("lora_A.weight"))
+        layers = len(_targets(state_dict))
         text = any(not key.startswith(TRANSFORMER_PREFIX) for key in state_dict)
         logger.info(
             "LoRA adapter %s from %s: %d transformer layers%s, rank %d, default scale %g",
@@ -261,7 +271,17 @@ def _load_hotswap(pipe: Any, settings: Settings, state_dicts: dict[str, dict[str
             )
     # The slot takes the layers of the adapter that targets the most; the
     # others must fit in them, at a rank no higher than the largest.
-    ordered = sorted(adapters, key=lambda a: -len(state_dicts[a.name]))
+    ordered = sorted(adapters, key=lambda a: -len(_targets(state_dicts[a.name])))
+    slot_layers = _targets(state_dicts[ordered[0].name])
+    for adapter in ordered[1:]:
+        extra = sorted(_targets(state_dicts[adapter.name]) - slot_layers)
+        if extra:
+            raise AdapterError(
+                adapter,
+                f"under TORCH_COMPILE every adapter must target a subset of the layers of the largest one "
+                f"({ordered[0].name!r}), and this one also targets {len(extra)} others ({', '.join(extra[:3])}"
+                f"{', ...' if len(extra) > 3 else ''}); serve it with TORCH_COMPILE=off",
+            )
     pipe.enable_lora_hotswap(target_rank=max(_rank(sd) for sd in state_dicts.values()))
     for index, adapter in enumerate(ordered):
         _load(pipe, adapter, settings, SLOT, hotswap=index > 0)
