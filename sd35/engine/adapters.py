@@ -65,6 +65,9 @@ class AdapterBank:
     _snapshots: dict[str, _Snapshot] = field(default_factory=dict)
     _in_slot: str | None = None
     _active: tuple[str | None, float] | None = None
+    # The slot's layers and parameters, found once: walking the transformer per switch would cost milliseconds.
+    _layers: dict[str, Any] = field(default_factory=dict)
+    _parameters: dict[str, Any] = field(default_factory=dict)
 
     def activate(self, name: str | None, scale: float) -> None:
         """Make the next pipeline call run ``name`` at ``scale`` (None: the base model)."""
@@ -86,15 +89,16 @@ class AdapterBank:
     def _activate_slot(self, name: str | None, scale: float) -> None:
         import torch
 
-        layers = _slot_layers(self.pipeline.transformer)
+        if not self._layers:
+            self._layers = _slot_layers(self.pipeline.transformer)
+            self._parameters = dict(self.pipeline.transformer.named_parameters())
         with torch.no_grad():
             if name is not None and name != self._in_slot:
-                parameters = dict(self.pipeline.transformer.named_parameters())
                 for key, weight in self._snapshots[name].weights.items():
-                    parameters[key].copy_(weight)
+                    self._parameters[key].copy_(weight)
                 self._in_slot = name
             scalings = self._snapshots[name].scalings if name is not None else {}
-            for module_name, layer in layers.items():
+            for module_name, layer in self._layers.items():
                 layer.scaling[SLOT].fill_(scalings.get(module_name, 0.0) * scale)
 
     def snapshot(self, name: str) -> None:
