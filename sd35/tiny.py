@@ -97,6 +97,22 @@ def t5_tokenizer(seed: int) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=512)
 
 
+def _clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=CLIP_PROJECTION,
+        max_position_embeddings=77,
+        # Pooling reads the first <|endoftext|>; CLIP's default ids are off this vocab.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_transformer() -> SD3Transformer2DModel:
     # The defaults already match SD3: patch 2, 16 latent channels, 1024 px.
     return SD3Transformer2DModel(
@@ -117,24 +133,42 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_INIT_STD = 0.5
 
 
+CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
 def write_tiny_lora(
-    directory: pathlib.Path, seed: int = 0, rank: int = 4, target_modules: tuple[str, ...] = LORA_TARGETS
+    directory: pathlib.Path,
+    seed: int = 0,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = LORA_TARGETS,
+    text_encoder: bool = False,
 ) -> pathlib.Path:
-    """Save a random LoRA for the tiny transformer in diffusers' format (``pytorch_lora_weights.safetensors``)."""
-    from peft import LoraConfig
+    """Save a random LoRA for the tiny transformer (and, with ``text_encoder``, the first CLIP encoder) in
+    diffusers' format (``pytorch_lora_weights.safetensors``)."""
+    from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     with torch.random.fork_rng(devices=[]):  # the base weights are irrelevant: leave the caller's RNG alone
         transformer = tiny_transformer()
+        clip = CLIPTextModelWithProjection(_clip_config(clip_tokenizer())) if text_encoder else None
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules)))
+    models = [transformer]
+    if clip is not None:
+        # transformers' own add_adapter wants peft >= 0.22; peft's wrapper works with the pinned 0.21.
+        clip = get_peft_model(clip, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(CLIP_LORA_TARGETS)))
+        models.append(clip)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * LORA_INIT_STD)
+        for model in models:
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * LORA_INIT_STD)
     directory.mkdir(parents=True, exist_ok=True)
-    layers = get_peft_model_state_dict(transformer)
-    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=layers)
+    StableDiffusion3Pipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        text_encoder_lora_layers=None if clip is None else get_peft_model_state_dict(clip.base_model.model),
+    )
     for path in [directory, *directory.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return directory
@@ -143,19 +177,7 @@ def write_tiny_lora(
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """Build the tiny pipeline in memory; the same seed gives the same weights."""
     tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer(seed)
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CLIP_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=CLIP_PROJECTION,
-        max_position_embeddings=77,
-        # Pooling reads the first <|endoftext|>; CLIP's default ids are off this vocab.
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    clip_config = _clip_config(tokenizer)
     t5_config = T5Config(
         vocab_size=len(tokenizer_3),
         d_model=T5_WIDTH,

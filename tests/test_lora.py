@@ -289,6 +289,25 @@ def test_compile_refuses_adapters_that_cannot_hot_swap(tiny_model_dir: Path, tmp
     load_pipeline(load_settings({**env, "TORCH_COMPILE": "off"}))
 
 
+def test_a_lora_with_text_encoder_layers_is_served_eagerly_and_refused_under_compile(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    both = write_tiny_lora(tmp_path / "both", seed=5, text_encoder=True)
+    only_transformer = write_tiny_lora(tmp_path / "only", seed=5)
+    env = {"MODEL_ID": str(tiny_model_dir), "LORA_ADAPTERS": f"both={both},only={only_transformer}"}
+    runner = PipelineRunner(load_pipeline(load_settings(env))[0])
+    assert any("both" in getattr(m, "lora_A", {}) for m in runner.pipeline.text_encoder.modules())
+
+    def run(adapter: str | None) -> np.ndarray:
+        return runner([GenerationParams("a cat", 128, 128, 1, 5, 2, 0.0, adapter=adapter, lora_scale=1.0)])[0][0]
+
+    base, with_text, without_text = run(None), run("both"), run("only")
+    assert mean_diff(with_text.astype(int), without_text.astype(int)) > 0.5, "the text-encoder layers take part"
+    assert np.array_equal(run(None), base), "the base model's text encoder is back to itself"
+    with pytest.raises(AdapterError, match=r"adapter 'both' .*text-encoder LoRA layers.*TORCH_COMPILE=off"):
+        load_pipeline(load_settings({**env, "TORCH_COMPILE": "blocks"}))
+
+
 # --- a real server: concurrent mixed traffic, the official SDK ------------------
 
 
