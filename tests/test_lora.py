@@ -167,6 +167,33 @@ def test_batch_key_separates_adapters_and_scales() -> None:
     )
 
 
+def _hub_cache(cache: Path, repo: str, lora: Path) -> None:
+    """Put ``lora`` into a Hugging Face cache as revision ``main`` of ``repo``, as a download leaves it."""
+    commit = "0" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    for file in lora.iterdir():
+        (root / "snapshots" / commit / file.name).write_bytes(file.read_bytes())
+
+
+def test_a_hub_adapter_comes_from_the_hugging_face_cache(
+    tiny_model_dir: Path, tiny_loras: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _hub_cache(tmp_path, "someone/tiny-ink", tiny_loras["ink"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    hub = "someone/tiny-ink/pytorch_lora_weights.safetensors"
+    env = {"MODEL_ID": str(tiny_model_dir), "LORA_ADAPTERS": f"hub={hub},local={tiny_loras['ink']}"}
+    runner = PipelineRunner(load_pipeline(load_settings(env))[0])
+
+    def run(adapter: str) -> np.ndarray:
+        return runner([GenerationParams("a cat", 128, 128, 1, 5, 2, 0.0, adapter=adapter, lora_scale=1.0)])[0][0]
+
+    assert np.array_equal(run("hub"), run("local"))
+
+
 # --- what cannot be used stops the start ---------------------------------------
 
 
