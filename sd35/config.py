@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,23 @@ def published_defaults(model_id: str) -> ModelDefaults:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """One ``LORA_ADAPTERS`` entry: served as the model ``name``."""
+
+    name: str
+    # A local directory, or a Hugging Face repo id.
+    source: str
+    # The weights file inside ``source``; None lets diffusers find it.
+    weight_name: str | None = None
+    scale: float = 1.0
+
+    @property
+    def location(self) -> str:
+        """Where the weights come from, as a person wrote it."""
+        return self.source if self.weight_name is None else f"{self.source.rstrip('/')}/{self.weight_name}"
+
+
+@dataclass(frozen=True)
 class Settings:
     model_id: str = DEFAULT_MODEL_ID
     hf_token: str | None = field(default=None, repr=False)
@@ -89,6 +107,7 @@ class Settings:
     image_store_s3_bucket: str | None = None
     image_store_s3_prefix: str = "sd35/"
     image_store_s3_endpoint_url: str | None = None
+    lora_adapters: tuple[AdapterSpec, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
@@ -103,7 +122,8 @@ class Settings:
             f"guidance={self.default_guidance_scale} max_batch_images={self.max_batch_images} "
             f"max_queue_images={self.max_queue_images} request_timeout={self.request_timeout:g}s "
             f"memory_mode={self.memory_mode} torch_compile={self.torch_compile} "
-            f"vae_channels_last={self.vae_channels_last} warmup={self.warmup} workers={self.workers}"
+            f"vae_channels_last={self.vae_channels_last} warmup={self.warmup} workers={self.workers} "
+            f"lora_adapters={','.join(a.name for a in self.lora_adapters) or 'none'}"
         )
 
     @property
@@ -111,6 +131,10 @@ class Settings:
         """The id `/v1/models` reports: a hub id as is, a local directory by its name."""
         path = Path(self.model_id)
         return path.name if path.is_dir() else self.model_id
+
+    def adapter(self, name: str | None) -> AdapterSpec | None:
+        """The adapter a request's ``model`` names; None means the base model."""
+        return next((a for a in self.lora_adapters if a.name == name), None)
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -208,6 +232,63 @@ def _api_keys(raw: str) -> tuple[str, ...]:
     return keys
 
 
+MAX_LORA_SCALE = 2.0
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+LORA_SYNTAX = "name=source[@scale], comma-separated"
+
+
+def _adapter(entry: str) -> AdapterSpec:
+    """``name=source[@scale]``: source is a local directory or ``.safetensors`` file, or a hub repo id
+    ``owner/repo`` optionally followed by ``/path/to/weights.safetensors``; ``@scale`` (0-2) is its default scale."""
+    name, equals, source = (part.strip() for part in entry.partition("="))
+    if not equals or not name or not source:
+        raise ConfigError(f"LORA_ADAPTERS entry {entry.strip()!r} is invalid: expected {LORA_SYNTAX}")
+    if not _ADAPTER_NAME.match(name):
+        raise ConfigError(
+            f"LORA_ADAPTERS: adapter name {name!r} is invalid: expected letters, digits, '.', '_' or '-' "
+            "(at most 64, starting with a letter or digit)"
+        )
+    scale = 1.0
+    if "@" in source:
+        source, _, raw_scale = (part.strip() for part in source.rpartition("@"))
+        try:
+            scale = float(raw_scale)
+        except ValueError:
+            scale = -1.0
+        if not 0 <= scale <= MAX_LORA_SCALE:
+            raise ConfigError(
+                f"LORA_ADAPTERS: adapter {name!r} has scale {raw_scale!r}: expected a number from 0 to 2 after '@'"
+            )
+    path = Path(source).expanduser()
+    if source.startswith(("/", "./", "../", "~")) or path.exists():
+        if not path.exists():
+            raise ConfigError(f"LORA_ADAPTERS: adapter {name!r}: {source} does not exist (no such file or directory)")
+        if path.is_file():
+            return AdapterSpec(name, str(path.parent), path.name, scale)
+        return AdapterSpec(name, str(path), None, scale)
+    parts = source.split("/")
+    if len(parts) < 2 or not all(_HUB_PART.match(part) for part in parts):
+        raise ConfigError(
+            f"LORA_ADAPTERS: adapter {name!r}: {source!r} is neither an existing local path nor a Hugging Face "
+            "repo id (owner/repo, optionally /weights.safetensors)"
+        )
+    return AdapterSpec(name, "/".join(parts[:2]), "/".join(parts[2:]) or None, scale)
+
+
+def _adapters(raw: str | None, base_model: str) -> tuple[AdapterSpec, ...]:
+    if raw is None:
+        return ()
+    adapters = tuple(_adapter(entry) for entry in raw.split(",") if entry.strip())
+    names = [adapter.name for adapter in adapters]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"LORA_ADAPTERS: the name {name!r} is used twice; every adapter needs its own")
+        if name == base_model:
+            raise ConfigError(f"LORA_ADAPTERS: the name {name!r} is the base model's id; choose another")
+    return adapters
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the environment (``os.environ`` by default) into validated settings."""
     env = os.environ if env is None else env
@@ -266,6 +347,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_grace_seconds=_parse(
             env, "SHUTDOWN_GRACE_SECONDS", 5.0, _bounded(float, 0, 3600), "a number of seconds between 0 and 3600"
         ),
+        lora_adapters=_adapters(_get(env, "LORA_ADAPTERS"), Settings(model_id=model_id).served_model_name),
         **_image_store_settings(env),
     )
     largest = max(settings.max_body_bytes, settings.max_upload_bytes)

@@ -21,7 +21,11 @@ MODEL_LOADED = Gauge("sd35_model_loaded", "Workers whose model is loaded and war
 BATCH_IMAGES = Histogram(
     "sd35_batch_images", "Images per pipeline call (batching merges requests).", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )
-IMAGES_GENERATED = Counter("sd35_images_generated", "Images generated and handed to clients.")
+IMAGES_GENERATED = Counter(
+    "sd35_images_generated",
+    "Images generated and handed to clients, by model (the base model's id or a LoRA adapter's name).",
+    ["model"],
+)
 GENERATION_SECONDS = Histogram(
     "sd35_generation_seconds",
     "Seconds per pipeline call (one batch).",

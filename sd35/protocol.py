@@ -8,15 +8,27 @@ strict servers break real clients. Our extensions sit in a marked block.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd35.imaging import SIZE_RULE, parse_size
 
 MAX_PROMPT_CHARS = 4096
 MAX_IMAGES_PER_REQUEST = 4
 MAX_SEED = 2**64 - 1
+# OpenAI answers these models with URLs when response_format is absent; every
+# other model (gpt-image-1, ours) with base64.
+URL_BY_DEFAULT = frozenset({"dall-e-2", "dall-e-3"})
+MODEL_DESCRIPTION = (
+    "A LoRA adapter's name (see `/v1/models`) selects it; anything else - the base model's id, `dall-e-3`, "
+    "`gpt-image-1`, nothing - means the base model."
+)
+RESPONSE_FORMAT_DESCRIPTION = (
+    "`b64_json` returns the image inline, `url` a link. When absent: `url` if `model` is `dall-e-2` or "
+    "`dall-e-3` (as at OpenAI), else `b64_json`."
+)
+LORA_SCALE_DESCRIPTION = "With an adapter as `model`: its strength, 0–2 (default: the adapter's configured scale)."
 
 
 def _has_text(prompt: str) -> str:
@@ -26,12 +38,25 @@ def _has_text(prompt: str) -> str:
 
 
 Prompt = Annotated[str, AfterValidator(_has_text)]
+
+
+class _ResponseFormatDefault(BaseModel):
+    """Fills an absent (or null) ``response_format`` with OpenAI's per-model default."""
+
+    @model_validator(mode="after")
+    def _default_response_format(self) -> Self:
+        if getattr(self, "response_format", None) is None:
+            model = (getattr(self, "model", None) or "").strip().lower()
+            self.response_format = "url" if model in URL_BY_DEFAULT else "b64_json"
+        return self
+
+
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(_ResponseFormatDefault):
     """Body of ``POST /v1/images/generations``."""
 
     model_config = ConfigDict(extra="ignore")
@@ -43,7 +68,7 @@ class ImageGenerationRequest(BaseModel):
         examples=["A lighthouse on a cliff at dawn, oil painting"],
     )
     background: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
-    model: str | None = Field(default=None, description="Accepted for compatibility; the served model is used.")
+    model: str | None = Field(default=None, description=MODEL_DESCRIPTION, examples=["dall-e-3"])
     moderation: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
     n: StrictInt | None = Field(
         default=1, ge=1, le=MAX_IMAGES_PER_REQUEST, description=f"Number of images, 1–{MAX_IMAGES_PER_REQUEST}."
@@ -56,9 +81,7 @@ class ImageGenerationRequest(BaseModel):
         default=None, ge=0, le=3, description="With `stream`: previews sent before the final image, 0–3."
     )
     quality: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
-    response_format: Literal["b64_json", "url"] | None = Field(
-        default="b64_json", description="`b64_json` (default) returns the image inline."
-    )
+    response_format: Literal["b64_json", "url"] | None = Field(default=None, description=RESPONSE_FORMAT_DESCRIPTION)
     size: str | None = Field(default="1024x1024", description=f"Image size: {SIZE_RULE}.", examples=["1024x1024"])
     stream: StrictBool | None = Field(
         default=False, description="Server-sent events: `image_generation.partial_image`, then `.completed`."
@@ -82,6 +105,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: StrictFloat | None = Field(
         default=None, ge=0, le=20, description="Classifier-free guidance, 0–20 (default: the model's, 0 for Turbo)."
     )
+    lora_scale: StrictFloat | None = Field(default=None, ge=0, le=2, description=LORA_SCALE_DESCRIPTION)
 
     @field_validator("size")
     @classmethod
@@ -139,6 +163,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # As vLLM lists LoRA adapters: root is where the weights come from,
+    # parent the model an adapter applies to (None for the base model).
+    root: str | None = Field(default=None, description="The weights: the base model's id, or the adapter's source.")
+    parent: str | None = Field(default=None, description="For an adapter: the id of the model it applies to.")
 
 
 class ModelList(BaseModel):
@@ -146,14 +174,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class _UploadRequest(BaseModel):
+class _UploadRequest(_ResponseFormatDefault):
     """Fields shared by edits and variations (multipart forms: every value arrives as text)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(default=None, description="Accepted for compatibility; the served model is used.")
+    model: str | None = Field(default=None, description=MODEL_DESCRIPTION)
     n: int | None = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1–4.")
-    response_format: Literal["b64_json", "url"] | None = Field(default="b64_json", description="`b64_json` or `url`.")
+    response_format: Literal["b64_json", "url"] | None = Field(default=None, description=RESPONSE_FORMAT_DESCRIPTION)
     size: str | None = Field(
         default="auto", description=f"Output size: {SIZE_RULE}; `auto` keeps the input's aspect ratio."
     )
@@ -163,6 +191,7 @@ class _UploadRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed of the first image; image i: seed + i.")
     num_inference_steps: int | None = Field(default=None, ge=1, le=50, description="Denoising steps, 1–50.")
     guidance_scale: float | None = Field(default=None, ge=0, le=20, description="Classifier-free guidance, 0–20.")
+    lora_scale: float | None = Field(default=None, ge=0, le=2, description=LORA_SCALE_DESCRIPTION)
     strength: float | None = Field(
         default=None,
         gt=0,

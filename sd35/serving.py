@@ -23,7 +23,7 @@ from PIL import Image
 
 from sd35 import metrics
 from sd35.config import Settings
-from sd35.engine import GenerationEngine, GenerationParams
+from sd35.engine import GenerationEngine, GenerationParams, adapters
 from sd35.errors import ImageStoreError, ValidationError, error_payload
 from sd35.imaging import (
     OutputFormat,
@@ -88,7 +88,15 @@ class ImageServing:
             height=height,
             num_images=request.n or 1,
             **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
+            **self._adapter(request),
         )
+
+    def _adapter(self, request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest) -> dict:
+        adapter, scale = adapters.resolve(self.settings, request.model, request.lora_scale)
+        return {"adapter": adapter, "lora_scale": scale}
+
+    def _model_label(self, params: GenerationParams) -> str:
+        return params.adapter or self.settings.served_model_name
 
     def _encode_url(self, pixels: np.ndarray, output_format: OutputFormat, compression: int, base: str) -> ImageData:
         data = encode_image(pixels, output_format, compression)
@@ -145,6 +153,7 @@ class ImageServing:
             mask=repaint,
             strength=strength,
             **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
+            **self._adapter(request),
         )
 
     async def decode_edit(
@@ -184,7 +193,7 @@ class ImageServing:
         else:
             jobs = [loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images]
         data = await asyncio.gather(*jobs)
-        metrics.IMAGES_GENERATED.inc(len(data))
+        metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(data))
         return ImagesResponse(
             created=int(time.time()),
             data=data,
@@ -259,7 +268,7 @@ class ImageServing:
                 for index, pixels in enumerate(images):
                     payload = {"b64_json": await encoded(pixels), "created_at": int(time.time()), "usage": usage}
                     yield event(f"{kind}.completed", {**payload, **common, "image_index": index})
-                metrics.IMAGES_GENERATED.inc(len(images))
+                metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(images))
             finally:
                 if not done.done():
                     done.cancel()
@@ -269,7 +278,14 @@ class ImageServing:
         return events()
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.settings.served_model_name, created=self.created, owned_by="sd35")])
+        """The base model, then every adapter with the base as its parent (vLLM's shape)."""
+        base = self.settings.served_model_name
+        cards = [ModelCard(id=base, created=self.created, owned_by="sd35", root=self.settings.model_id)]
+        for adapter in self.settings.lora_adapters:
+            cards.append(
+                ModelCard(id=adapter.name, created=self.created, owned_by="sd35", root=adapter.location, parent=base)
+            )
+        return ModelList(data=cards)
 
     def close(self) -> None:
         self._encoders.shutdown(wait=False, cancel_futures=True)

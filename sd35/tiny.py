@@ -6,6 +6,11 @@ Offline tests and ``make demo`` need something that loads through the very same
 and fits in a couple of megabytes; its images are noise, but deterministic noise.
 
     python -m sd35.tiny DIR [--seed N]
+    python -m sd35.tiny DIR --lora [--seed N] [--rank R]   # a random LoRA for it
+
+A tiny LoRA is made the way a training script makes one (peft's ``LoraConfig``
+on the transformer, ``save_lora_weights``), with random A and B matrices large
+enough to change the image visibly; different seeds give different adapters.
 """
 
 import argparse
@@ -92,10 +97,8 @@ def t5_tokenizer(seed: int) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=512)
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """Build the tiny pipeline in memory; the same seed gives the same weights."""
-    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer(seed)
-    clip_config = CLIPTextConfig(
+def _clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=CLIP_HIDDEN,
         intermediate_size=64,
@@ -108,6 +111,73 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def tiny_transformer() -> SD3Transformer2DModel:
+    # The defaults already match SD3: patch 2, 16 latent channels, 1024 px.
+    return SD3Transformer2DModel(
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_WIDTH,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * CLIP_PROJECTION,
+        pos_embed_max_size=POS_EMBED_MAX_SIZE,
+        qk_norm="rms_norm",
+    ).eval()
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Standard deviation of the random A and B entries: large enough that an
+# adapter moves a 256² image by several levels of 255 at scale 1.
+LORA_INIT_STD = 0.5
+
+
+CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def write_tiny_lora(
+    directory: pathlib.Path,
+    seed: int = 0,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = LORA_TARGETS,
+    text_encoder: bool = False,
+) -> pathlib.Path:
+    """Save a random LoRA for the tiny transformer (and, with ``text_encoder``, the first CLIP encoder) in
+    diffusers' format (``pytorch_lora_weights.safetensors``)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    with torch.random.fork_rng(devices=[]):  # the base weights are irrelevant: leave the caller's RNG alone
+        transformer = tiny_transformer()
+        clip = CLIPTextModelWithProjection(_clip_config(clip_tokenizer())) if text_encoder else None
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules)))
+    models = [transformer]
+    if clip is not None:
+        # transformers' own add_adapter wants peft >= 0.22; peft's wrapper works with the pinned 0.21.
+        clip = get_peft_model(clip, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(CLIP_LORA_TARGETS)))
+        models.append(clip)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in models:
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * LORA_INIT_STD)
+    directory.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        text_encoder_lora_layers=None if clip is None else get_peft_model_state_dict(clip.base_model.model),
+    )
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return directory
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """Build the tiny pipeline in memory; the same seed gives the same weights."""
+    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer(seed)
+    clip_config = _clip_config(tokenizer)
     t5_config = T5Config(
         vocab_size=len(tokenizer_3),
         d_model=T5_WIDTH,
@@ -121,17 +191,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     # eval() as from_pretrained does, or T5's dropout randomises in-memory output.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # The defaults already match SD3: patch 2, 16 latent channels, 1024 px.
-        transformer = SD3Transformer2DModel(
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=T5_WIDTH,
-            caption_projection_dim=32,
-            pooled_projection_dim=2 * CLIP_PROJECTION,
-            pos_embed_max_size=POS_EMBED_MAX_SIZE,
-            qk_norm="rms_norm",
-        ).eval()
+        transformer = tiny_transformer()
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -169,11 +229,16 @@ def write_tiny_pipeline(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a tiny random SD3 pipeline to DIR.")
+    parser = argparse.ArgumentParser(description="Write a tiny random SD3 pipeline (or, with --lora, a LoRA) to DIR.")
     parser.add_argument("directory", metavar="DIR", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora", action="store_true", help="write a random LoRA for the tiny model instead")
+    parser.add_argument("--rank", type=int, default=4, help="the LoRA's rank (with --lora)")
     args = parser.parse_args(argv)
-    print(write_tiny_pipeline(args.directory, args.seed))
+    if args.lora:
+        print(write_tiny_lora(args.directory, args.seed, args.rank))
+    else:
+        print(write_tiny_pipeline(args.directory, args.seed))
     return 0
 
 

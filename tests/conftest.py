@@ -55,6 +55,7 @@ CONFIG_VARS = (
     "IMAGE_STORE_S3_BUCKET",
     "IMAGE_STORE_S3_PREFIX",
     "IMAGE_STORE_S3_ENDPOINT_URL",
+    "LORA_ADAPTERS",
 )
 
 
@@ -63,6 +64,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sd35.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two random LoRAs for the tiny model, made with peft: ``ink`` (rank 4) and ``neon`` (rank 8)."""
+    from sd35.tiny import write_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "ink": write_tiny_lora(root / "ink", seed=1, rank=4),
+        "neon": write_tiny_lora(root / "neon", seed=2, rank=8),
+    }
 
 
 def wait_ready(client: TestClient, timeout: float = 60) -> None:

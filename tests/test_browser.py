@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 
 from tests.server import Server, running_server
@@ -36,8 +37,11 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    tiny_model_dir: Path, tiny_loras: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     env = {"MODEL_ID": str(tiny_model_dir), "API_KEY": KEY, "WARMUP": "false"}
+    env["LORA_ADAPTERS"] = f"ink={tiny_loras['ink']}"
     with running_server(env, tmp_path_factory.mktemp("browser")) as running:
         yield running
 
@@ -151,6 +155,33 @@ def test_playground_generates_and_shows_images(server: Server, offline: OfflineP
     assert offline.blocked == [] and offline.console_errors == [], (offline.blocked, offline.console_errors)
 
 
+def test_playground_model_selector_lists_and_uses_the_adapters(server: Server, offline: OfflinePage) -> None:
+    page = offline.page
+    page.goto(f"{server.url}/")
+    assert page.locator("#model option").all_inner_texts() == ["Base model"], "/v1/models needs the key"
+    page.fill("#key", KEY)
+    page.focus("#model")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    assert page.locator("#model option").all_inner_texts() == ["tiny-sd3 (base model)", "ink (LoRA on tiny-sd3)"]
+    page.select_option("#model", "ink")
+    page.fill("#prompt", "a lighthouse")
+    page.select_option("#size", "512x512")
+    page.fill("#seed", "7")
+    with page.expect_response("**/v1/images/generations") as answer:
+        page.click("#go")
+    assert answer.value.request.post_data_json["model"] == "ink"
+    shown = answer.value.json()["data"][0]["b64_json"]
+    body = {"prompt": "a lighthouse", "size": "512x512", "seed": 7, "n": 1, "response_format": "b64_json"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    direct = {
+        model: httpx.post(f"{server.url}/v1/images/generations", json={**body, "model": model}, headers=headers)
+        for model in ("ink", "tiny-sd3")
+    }
+    assert shown == direct["ink"].json()["data"][0]["b64_json"] != direct["tiny-sd3"].json()["data"][0]["b64_json"]
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === 1", timeout=60_000)
+    assert offline.blocked == [] and offline.console_errors == [], (offline.blocked, offline.console_errors)
+
+
 def test_playground_shows_a_wrong_key_readably(server: Server, offline: OfflinePage) -> None:
     page = offline.page
     page.goto(f"{server.url}/")
@@ -180,7 +211,7 @@ def test_playground_works_with_the_keyboard_alone(server: Server, offline: Offli
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "prompt"
     page.keyboard.type("a kite over the sea")
-    for _ in range(5):  # size, n, seed, format, key
+    for _ in range(6):  # model, size, n, seed, format, key
         page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "key"
     page.keyboard.type(KEY)

@@ -158,3 +158,47 @@ def test_bentoml_serve_stops_with_one_clear_line(tmp_path: Path) -> None:
         "sd35: configuration error: PORT='eighty' is invalid: expected an integer port between 1 and 65535"
     ]
     assert "Traceback" not in result.stderr
+
+
+def test_lora_adapters_local_hub_and_scales(tmp_path: Path) -> None:
+    (tmp_path / "ink").mkdir()
+    (tmp_path / "neon.safetensors").write_bytes(b"")
+    raw = (
+        f" ink={tmp_path / 'ink'} , neon = {tmp_path / 'neon.safetensors'}@0.8,"
+        "hub=owner/repo-name,file=owner/repo/sub/weights.safetensors@2"
+    )
+    adapters = load_settings({"LORA_ADAPTERS": raw}).lora_adapters
+    assert [(a.name, a.source, a.weight_name, a.scale) for a in adapters] == [
+        ("ink", str(tmp_path / "ink"), None, 1.0),
+        ("neon", str(tmp_path), "neon.safetensors", 0.8),
+        ("hub", "owner/repo-name", None, 1.0),
+        ("file", "owner/repo", "sub/weights.safetensors", 2.0),
+    ]
+    assert adapters[3].location == "owner/repo/sub/weights.safetensors"
+    assert load_settings({}).lora_adapters == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("ink", "LORA_ADAPTERS entry 'ink' is invalid: expected name=source[@scale], comma-separated"),
+        ("=owner/repo", "LORA_ADAPTERS entry '=owner/repo' is invalid"),
+        ("bad name=owner/repo", "LORA_ADAPTERS: adapter name 'bad name' is invalid"),
+        ("ink=owner/repo@3", "LORA_ADAPTERS: adapter 'ink' has scale '3': expected a number from 0 to 2 after '@'"),
+        ("ink=owner/repo@strong", "has scale 'strong'"),
+        ("ink=/no/such/dir", "LORA_ADAPTERS: adapter 'ink': /no/such/dir does not exist"),
+        ("ink=not a repo", "is neither an existing local path nor a Hugging Face repo id"),
+        ("ink=a/b,ink=c/d", "LORA_ADAPTERS: the name 'ink' is used twice"),
+        ("x=a/b,owner/model=c/d", "adapter name 'owner/model' is invalid"),
+    ],
+)
+def test_bad_lora_adapters_name_the_variable(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"LORA_ADAPTERS": value})
+    assert str(raised.value).startswith("LORA_ADAPTERS") and expected in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_adapter_cannot_take_the_base_models_name() -> None:
+    with pytest.raises(ConfigError, match="the base model's id"):
+        load_settings({"MODEL_ID": "sd35-local", "LORA_ADAPTERS": "sd35-local=a/b"})

@@ -146,7 +146,7 @@ def test_metrics_for_operators(server: Server) -> None:
             values[name] = float(value)
     assert values["sd35_model_loaded"] == 1
     assert values["sd35_queue_images"] == 0
-    assert values["sd35_images_generated_total"] >= 2
+    assert values['sd35_images_generated_total{model="tiny-sd3"}'] >= 2
     assert values['sd35_errors_total{code="validation_error"}'] >= 1
     assert values["sd35_batch_images_count"] >= 1 and values["sd35_generation_seconds_count"] >= 1
     assert "bentoml_service_request_total" in text

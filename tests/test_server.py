@@ -49,7 +49,9 @@ def test_openai_sdk_with_dall_e_style_arguments(sdk: openai.OpenAI) -> None:
     result = sdk.images.generate(
         model="dall-e-3", prompt="a red cube", size="1024x1024", quality="hd", style="natural", user="u1", n=1
     )
-    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    # dall-e-3 without response_format: a URL, as OpenAI answers it
+    assert result.data[0].b64_json is None
+    image = Image.open(io.BytesIO(httpx.get(result.data[0].url, timeout=30).content))
     assert image.size == (1024, 1024)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sd35 import metrics
+from sd35.engine import adapters
 from sd35.engine.params import GenerationParams, offsets
 
 
@@ -82,6 +83,9 @@ class PipelineRunner:
             "output_type": "pt",
         }
         pipe = self.pipeline_for(first.mode)
+        # Edit pipelines share the transformer and text encoders, so the
+        # loaded pipeline's adapter state is theirs too.
+        adapters.activate(self.pipeline, first.adapter, first.lora_scale)
         if first.mode != "txt2img":
             from PIL import Image
 

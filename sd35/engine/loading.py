@@ -104,6 +104,7 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
     from diffusers import StableDiffusion3Pipeline
 
     from sd35 import acceleration
+    from sd35.engine import adapters
     from sd35.engine.memory import MODES, component_bytes, quantization_config
 
     device = resolve_device(settings.device, worker_index)
@@ -130,6 +131,7 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
         pipe.vae.enable_slicing()
     if settings.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
+    adapters.load_adapters(pipe, settings)  # before compiling: hot-swapping needs the slot in the graph
     sizes = component_bytes(pipe)
     logger.info(
         "weights on %s: %.2f GiB in MEMORY_MODE=%s (%s)",

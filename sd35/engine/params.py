@@ -31,6 +31,9 @@ class GenerationParams:
     # index, preview index, (h/8, w/8, 3) uint8) from the GPU worker.
     partial_images: int = 0
     on_preview: Callable[[int, int, np.ndarray], None] | None = field(default=None, compare=False, repr=False)
+    # The LoRA adapter (None: the base model) and its scale; one call runs one of each.
+    adapter: str | None = None
+    lora_scale: float = 0.0
 
     def denoising_steps(self) -> int:
         """Steps the pipeline really runs: image-to-image runs only the last part of the schedule."""
@@ -53,8 +56,16 @@ class GenerationParams:
 
     @property
     def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can share one pipeline call (an edit only with itself)."""
-        shape = (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        """Requests with equal keys can share one pipeline call (an edit only with itself; an adapter
+        only with the same adapter at the same scale)."""
+        shape = (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.adapter,
+            self.lora_scale if self.adapter is not None else 0.0,
+        )
         return shape if self.init_image is None else (*shape, self.mode, id(self))
 
     def seeds(self) -> list[int]:
