@@ -260,3 +260,21 @@ def test_int8_with_torch_compile_matches_eager(tiny_model_dir: Path, int8_pipe: 
     compiled = PipelineRunner(pipe)([PARAMS])[0][0].astype(int)
     eager = PipelineRunner(int8_pipe)([PARAMS])[0][0].astype(int)
     assert np.abs(compiled - eager).mean() < 1
+
+
+def test_lora_adapters_apply_on_quantized_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from torchao.utils import TorchAOBaseTensor
+
+    from sd35.config import load_settings
+    from sd35.tiny import write_tiny_lora
+
+    lora = write_tiny_lora(tmp_path / "style", seed=1)
+    env = {"MODEL_ID": str(tiny_model_dir), "MEMORY_MODE": "int8", "LORA_ADAPTERS": f"style={lora}"}
+    pipe, _ = load_pipeline(load_settings(env))
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer.base_layer.weight, TorchAOBaseTensor), "the LoRA wraps the int8 layer, not a copy"
+    runner = PipelineRunner(pipe)
+    base = runner([PARAMS])[0][0].astype(int)
+    styled = runner([replace(PARAMS, adapter="style", lora_scale=1.0)])[0][0].astype(int)
+    assert np.abs(styled - base).mean() > 2, "the adapter changes the int8 image"
+    assert np.array_equal(runner([PARAMS])[0][0].astype(int), base), "and switching back gives the base image"

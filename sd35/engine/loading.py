@@ -52,7 +52,7 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
     def caused_by(*kinds: type[BaseException]) -> bool:
         return any(isinstance(e, kinds) for e in chain)
 
-    if isinstance(exc, MemoryModeError):
+    if isinstance(exc, LoadRefusedError | MemoryModeError):
         return str(exc)
     if looks_like_path(model):
         path = Path(model).expanduser()
@@ -82,6 +82,10 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
             "to the internet or mount a cache that holds the model"
         )
     return f"could not load {model}: {type(exc).__name__}: {exc}"
+
+
+class LoadRefusedError(RuntimeError):
+    """The configuration cannot work on this machine; the message says why and what to do."""
 
 
 def resolve_memory(settings: Settings, device: str) -> tuple[Settings, MemoryPlan]:
