@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from referencing import Registry, Resource
 from bench.harness import free_port
 from sd35.config import Settings, load_settings
 from tests.conftest import CONFIG_VARS, ROOT
-from tests.server import running_server
+from tests.server import running_server, stop_process_group
 
 K8S = ROOT / "deploy" / "kubernetes"
 KEDA_CRD = K8S / "schemas" / "keda.sh_scaledobjects.yaml"
@@ -650,13 +649,7 @@ def pod(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, s3: str)
         wait_until_ready(pod.url, process, pod.log)
         yield pod
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop_process_group(process)
 
 
 def auth() -> dict[str, str]:
