@@ -8,9 +8,9 @@ costs a few bytes per part, not a measurable ratio. The result is an ordinary
 8-bit RGB PNG with one IDAT chunk that every decoder reads.
 
 Measured on a 1024² image on these 2-core machines (bench/cpu.py): libpng with
-zlib-ng at level 1 (imagecodecs) ~65 ms; ISA-L level 1 on one core ~11 ms and
-on two ~6 ms, for a file 5 % smaller on a photo-like image and 2 % larger on
-noise. The Sub filter (each byte minus the one a pixel to its left) is what
+zlib-ng at level 1 (imagecodecs) ~75-120 ms; ISA-L level 1 on one core ~7-10 ms
+and on two ~5-9 ms, for a file 5 % smaller on a photo-like image and 2 % larger
+on noise. The Sub filter (each byte minus the one a pixel to its left) is what
 libpng's fast setting uses too; on generated pictures it compresses as well as
 Up and far better than none.
 """
