@@ -1,9 +1,11 @@
-"""Benchmark plumbing: the real service in-process behind uvicorn, and concurrent HTTP clients.
+"""Benchmark plumbing: the real service, the bare pipeline, and concurrent HTTP clients.
 
-The service is BentoML's whole ASGI app (middleware, auth, routing, the
-mounted OpenAI app) served by uvicorn on a loopback port in a background
-thread, so that HTTP and the bare pipeline are measured in the same process
-and the same run.
+Two ways to serve: :func:`serve_process` runs ``bentoml serve`` in processes of
+its own, as in production (the CPU benchmark measures HTTP against it);
+:func:`serve` runs BentoML's whole ASGI app behind uvicorn in a thread of this
+process (the GPU benchmark, which swaps in its own pipeline loader).
+:class:`BarePipeline` makes the bare pipeline call in a process of its own, the
+same kind of process as a BentoML worker, so that the two compare fairly.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import os
 import platform
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -86,9 +93,91 @@ def serve(env: dict[str, str], loader: Callable[[Settings, int], Any] | None = N
                 os.environ[name] = value
 
 
-def _wait_ready(base_url: str, timeout: float = 1800) -> str:
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], timeout: float = 600) -> Iterator[str]:
+    """``bentoml serve`` of the sd35 service configured by ``env``, on a loopback port; yields its base URL."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as home, tempfile.TemporaryFile() as log:
+        full_env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "BENTOML_HOME": home,
+            "BENTOML_DO_NOT_TRACK": "true",
+            "HF_HUB_OFFLINE": "1",
+            "IMAGE_STORE_DIR": str(Path(home) / "images"),
+            **env,
+        }
+        bentoml = Path(sys.executable).with_name("bentoml")
+        process = subprocess.Popen(
+            [str(bentoml), "serve", "service:SD35"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield _wait_ready(f"http://127.0.0.1:{port}", timeout, process)
+        except BaseException:
+            log.seek(0)
+            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+            raise
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+class BarePipeline:
+    """The bare pipeline call (``output_type="pt"``, nothing else) in a process of its own.
+
+    One JSON line per call goes to ``python -m bench.bare``; it answers with
+    the seconds the call took, timed around the call alone.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare", str(model_dir)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        ready = self._process.stdout.readline()  # type: ignore[union-attr]
+        if ready.strip() != "ready":
+            raise RuntimeError(f"bench.bare did not start: {ready!r}")
+
+    def call(self, size: int, seed: int, steps: int, n: int = 1) -> float:
+        request = {"size": size, "seed": seed, "steps": steps, "n": n}
+        self._process.stdin.write(json.dumps(request) + "\n")  # type: ignore[union-attr]
+        self._process.stdin.flush()  # type: ignore[union-attr]
+        return float(self._process.stdout.readline())  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self._process.stdin.close()  # type: ignore[union-attr]
+        self._process.wait(60)
+
+    def __enter__(self) -> BarePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wait_ready(base_url: str, timeout: float = 1800, process: subprocess.Popen | None = None) -> str:
     deadline = time.monotonic() + timeout
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200:
                 return base_url

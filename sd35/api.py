@@ -85,6 +85,11 @@ _STREAMING = {
 }
 
 
+def json_body(body: bytes) -> Response:
+    """A JSON body built elsewhere as bytes (:mod:`sd35.responses`), sent as it is."""
+    return Response(body, media_type="application/json")
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     status, body, headers = error_payload(exc)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -344,12 +349,12 @@ def create_app() -> FastAPI:
         tags=["images"],
         summary="Create images from a prompt",
     )
-    async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse | StreamingResponse:
+    async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
         serving = _serving(request)
         if body.stream:
             return event_stream(request, serving.stream(serving.params_for(body), body, "image_generation"))
         base_url = public_base_url(request, serving.settings.public_base_url)
-        return await unless_disconnected(request, serving.generate(body, base_url))
+        return json_body(await unless_disconnected(request, serving.generate(body, base_url)))
 
     @app.post(
         "/v1/images/edits",
@@ -360,14 +365,14 @@ def create_app() -> FastAPI:
         summary="Edit an image: image-to-image, or inpainting with a mask",
         openapi_extra=_multipart_schema(ImageEditRequest, EDIT_FILES, ["image"]),
     )
-    async def edit_images(request: Request) -> ImagesResponse | StreamingResponse:
+    async def edit_images(request: Request) -> Response:
         serving = _serving(request)
         parsed, images, mask = await read_form(request, ImageEditRequest)
         if parsed.stream:
             params = await serving.decode_edit(parsed, images, mask)
             return event_stream(request, serving.stream(params, parsed, "image_edit"))
         base_url = public_base_url(request, serving.settings.public_base_url)
-        return await unless_disconnected(request, serving.edit(parsed, images, mask, base_url))
+        return json_body(await unless_disconnected(request, serving.edit(parsed, images, mask, base_url)))
 
     @app.post(
         "/v1/images/variations",
@@ -378,11 +383,11 @@ def create_app() -> FastAPI:
         summary="Create variations of an image",
         openapi_extra=_multipart_schema(ImageVariationRequest, VARIATION_FILES, ["image"]),
     )
-    async def image_variations(request: Request) -> ImagesResponse:
+    async def image_variations(request: Request) -> Response:
         serving = _serving(request)
         parsed, images, _ = await read_form(request, ImageVariationRequest)
         base_url = public_base_url(request, serving.settings.public_base_url)
-        return await unless_disconnected(request, serving.edit(parsed, images[:1], None, base_url))
+        return json_body(await unless_disconnected(request, serving.edit(parsed, images[:1], None, base_url)))
 
     @app.get(
         "/v1/images/files/{name}",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -21,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from sd35 import metrics
+from sd35 import metrics, responses
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams, adapters
 from sd35.errors import ImageStoreError, ValidationError, error_payload
@@ -29,6 +28,7 @@ from sd35.imaging import (
     OutputFormat,
     UploadError,
     auto_size,
+    b64encode,
     encode_image,
     fit,
     format_size,
@@ -36,13 +36,10 @@ from sd35.imaging import (
     parse_size,
     read_upload,
     repaint_mask,
-    to_base64,
 )
 from sd35.protocol import (
-    ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
-    ImagesResponse,
     ImageVariationRequest,
     ModelCard,
     ModelList,
@@ -65,8 +62,8 @@ def _encoding(request: ImageGenerationRequest | ImageEditRequest | ImageVariatio
     return output_format, 100 if compression is None else compression
 
 
-def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> ImageData:
-    return ImageData(b64_json=to_base64(encode_image(pixels, output_format, compression)))
+def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> responses.Parts:
+    return responses.b64_item(b64encode(encode_image(pixels, output_format, compression)))
 
 
 class ImageServing:
@@ -98,10 +95,12 @@ class ImageServing:
     def _model_label(self, params: GenerationParams) -> str:
         return params.adapter or self.settings.served_model_name
 
-    def _encode_url(self, pixels: np.ndarray, output_format: OutputFormat, compression: int, base: str) -> ImageData:
+    def _encode_url(
+        self, pixels: np.ndarray, output_format: OutputFormat, compression: int, base: str
+    ) -> responses.Parts:
         data = encode_image(pixels, output_format, compression)
         try:
-            return ImageData(url=self.store.put(data, output_format, base))
+            return responses.url_item(self.store.put(data, output_format, base))
         except Exception as exc:
             logger.error("could not store an image: %s: %s", type(exc).__name__, exc)
             raise ImageStoreError(
@@ -169,11 +168,11 @@ class ImageServing:
         uploads: list[tuple[str, bytes]],
         mask: bytes | None,
         base_url: str,
-    ) -> ImagesResponse:
+    ) -> bytes:
         return await self._respond(await self.decode_edit(request, uploads, mask), request, base_url)
 
-    async def generate(self, request: ImageGenerationRequest, base_url: str) -> ImagesResponse:
-        """``base_url``: where this service is reachable from the client, for `url` images."""
+    async def generate(self, request: ImageGenerationRequest, base_url: str) -> bytes:
+        """The JSON body of the response; ``base_url``: where clients reach this service, for `url` images."""
         return await self._respond(self.params_for(request), request, base_url)
 
     async def _respond(
@@ -181,7 +180,7 @@ class ImageServing:
         params: GenerationParams,
         request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
         base_url: str,
-    ) -> ImagesResponse:
+    ) -> bytes:
         output_format, compression = _encoding(request)
         images = await self.engine.generate(params)
         loop = asyncio.get_running_loop()
@@ -192,11 +191,11 @@ class ImageServing:
             ]
         else:
             jobs = [loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images]
-        data = await asyncio.gather(*jobs)
-        metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(data))
-        return ImagesResponse(
-            created=int(time.time()),
-            data=data,
+        items = await asyncio.gather(*jobs)
+        metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
+        return responses.images_body(
+            int(time.time()),
+            items,
             background="opaque",
             output_format=output_format,
             size=format_size(params.width, params.height),
@@ -230,17 +229,13 @@ class ImageServing:
             "size": format_size(params.width, params.height),
         }
 
-        def event(name: str, payload: dict) -> bytes:
-            return f"event: {name}\ndata: {json.dumps({'type': name, **payload})}\n\n".encode()
+        def encoded(pixels: np.ndarray) -> bytes:
+            return b64encode(encode_image(pixels, output_format, compression))
 
-        async def encoded(pixels: np.ndarray) -> str:
-            data = await loop.run_in_executor(self._encoders, encode_image, pixels, output_format, compression)
-            return to_base64(data)
-
-        async def partial(image: int, index: int, preview: np.ndarray) -> bytes:
+        def partial(image: int, index: int, preview: np.ndarray) -> bytes:
             full = np.asarray(Image.fromarray(preview).resize((params.width, params.height), Image.BILINEAR))
-            payload = {"b64_json": await encoded(full), "created_at": int(time.time()), "partial_image_index": index}
-            return event(f"{kind}.partial_image", {**payload, **common, "image_index": image})
+            payload = {"created_at": int(time.time()), "partial_image_index": index, **common, "image_index": image}
+            return responses.event(f"{kind}.partial_image", payload, encoded(full))
 
         async def events() -> AsyncIterator[bytes]:
             done = asyncio.ensure_future(self.engine.result(job))
@@ -249,14 +244,14 @@ class ImageServing:
                     waiting = asyncio.ensure_future(previews.get())
                     await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
                     if waiting.done():
-                        yield await partial(*waiting.result())
+                        yield await loop.run_in_executor(self._encoders, partial, *waiting.result())
                     else:
                         waiting.cancel()
                 try:
                     images = done.result()
                 except Exception as exc:
                     _, body, _ = error_payload(exc)
-                    yield event("error", body)
+                    yield responses.event("error", body)
                     return
                 tokens = self.engine.count_prompt_tokens(params.prompt) or 0
                 usage = {
@@ -265,9 +260,10 @@ class ImageServing:
                     "output_tokens": 0,
                     "total_tokens": tokens,
                 }
-                for index, pixels in enumerate(images):
-                    payload = {"b64_json": await encoded(pixels), "created_at": int(time.time()), "usage": usage}
-                    yield event(f"{kind}.completed", {**payload, **common, "image_index": index})
+                finals = [loop.run_in_executor(self._encoders, encoded, pixels) for pixels in images]
+                for index, final in enumerate(finals):
+                    payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
+                    yield responses.event(f"{kind}.completed", payload, await final)
                 metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(images))
             finally:
                 if not done.done():
