@@ -555,10 +555,18 @@ def pod_script(env: dict[str, str], volumes: dict[str, Path], workdir: Path) -> 
     # Parents before children; a mount that hides the volumes' own directories (/tmp) last.
     mounts = sorted(container()["volumeMounts"], key=lambda m: len(Path(m["mountPath"]).parts))
     mounts.sort(key=lambda m: workdir.is_relative_to(m["mountPath"]))
+    # A checkout under a volume's path (a clone in /tmp) would be hidden by it: keep it
+    # reachable through the image's home tmpfs and put it back, read-only, on top.
+    repo_hidden = any(ROOT.is_relative_to(m["mountPath"]) for m in mounts)
+    repo_stage = home.parent / ".checkout"
+    if repo_hidden:
+        lines += [f"mkdir -p {repo_stage}", f"mount --bind {ROOT} {repo_stage}"]
     for mount in mounts:
         path = Path(mount["mountPath"])
         assert path == Path("/tmp") or path.is_relative_to(home), path
         lines += [f"mkdir -p {path}", f"mount --bind {volumes[mount['name']]} {path}"]
+    if repo_hidden:
+        lines += [f"mkdir -p {ROOT}", f"mount --bind {repo_stage} {ROOT}", f"mount -o remount,bind,ro {ROOT}"]
     lines += [f"mount -o remount,ro {home.parent}", "mount -o remount,bind,ro /"]
     if closed is not None:
         lines.append(f"mount -o remount,ro {closed}")
