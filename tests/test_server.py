@@ -104,13 +104,14 @@ def test_models_over_http(sdk: openai.OpenAI) -> None:
 def test_workers_setting_starts_one_engine_per_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = {"MODEL_ID": str(tiny_model_dir), "WORKERS": "2", "WARMUP": "false"}
     with running_server(env, tmp_path) as running:
-        for seed in range(4):
-            body = {"prompt": "a kite", "size": "256x256", "seed": seed, "num_inference_steps": 1}
-            assert httpx.post(f"{running.url}/v1/images/generations", json=body, timeout=60).status_code == 200
-        # /readyz may be answered by either worker: wait until both logged their load.
+        # /readyz may be answered by either worker: wait until both logged their load,
+        # or a request reaching the other one gets its 503 model_not_loaded.
         deadline = time.monotonic() + 60
         while running.log_text().count("ready on cpu") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
+        for seed in range(4):
+            body = {"prompt": "a kite", "size": "256x256", "seed": seed, "num_inference_steps": 1}
+            assert httpx.post(f"{running.url}/v1/images/generations", json=body, timeout=60).status_code == 200
         text = running.log_text()
     assert text.count("ready on cpu") == 2, text[-3000:]
     assert "[entry_service:sd35:1]" in text and "[entry_service:sd35:2]" in text
