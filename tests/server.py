@@ -86,3 +86,31 @@ def stop_process_group(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+@contextmanager
+def moto_s3(bucket: str, **credentials: str) -> Iterator[str]:
+    """moto's real S3 HTTP server on a loopback port with ``bucket`` made; yields its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def failed_start(env: dict[str, str], mentioning: str) -> list[str]:
+    """Run ``bentoml serve`` with ``env``, which must make it exit non-zero; its output lines naming ``mentioning``."""
+    bentoml = Path(sys.executable).with_name("bentoml")
+    result = subprocess.run(
+        [str(bentoml), "serve", "service:SD35"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in (result.stdout + result.stderr).splitlines() if mentioning in line]

@@ -39,7 +39,7 @@ from referencing import Registry, Resource
 from bench.harness import free_port
 from sd35.config import Settings, load_settings
 from tests.conftest import CONFIG_VARS, ROOT
-from tests.server import running_server, stop_process_group
+from tests.server import moto_s3, running_server, stop_process_group
 
 K8S = ROOT / "deploy" / "kubernetes"
 KEDA_CRD = K8S / "schemas" / "keda.sh_scaledobjects.yaml"
@@ -594,23 +594,14 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: fl
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
     """moto's S3 server on loopback, with the ConfigMap's bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
     env = container_env()
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    ).create_bucket(Bucket=env["IMAGE_STORE_S3_BUCKET"])
-    yield endpoint
-    server.stop()
+    credentials = {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+    with moto_s3(env["IMAGE_STORE_S3_BUCKET"], **credentials) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from bench.harness import free_port
 from sd35.storage import LocalImageStore, S3ImageStore
 from tests.conftest import assert_openai_error, service_client
-from tests.server import running_server
+from tests.server import moto_s3, running_server
 
 GEN = "/v1/images/generations"
 KEY = "k-url"
@@ -212,16 +211,8 @@ def test_openai_sdk_gets_urls_a_plain_client_can_fetch(tiny_model_dir: Path, tmp
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible HTTP server (moto's) on a loopback port, with one bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, **S3_CREDENTIALS).create_bucket(Bucket="sd35-images")
-    yield endpoint
-    server.stop()
+    with moto_s3("sd35-images", **S3_CREDENTIALS) as endpoint:
+        yield endpoint
 
 
 S3_CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
