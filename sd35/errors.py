@@ -97,6 +97,14 @@ class ServiceUnavailableError(APIError):
     code = "service_unavailable"
     retryable = True
 
+    @classmethod
+    def shutting_down(cls) -> ServiceUnavailableError:
+        """The answer to new work once SIGTERM has arrived."""
+        return cls(
+            "The server is shutting down and takes no new requests; retry, another replica may answer.",
+            retry_after=1,
+        )
+
 
 class ClientDisconnectedError(APIError):
     """The client went away; nobody reads this response, but logs and metrics count it."""

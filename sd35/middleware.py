@@ -251,10 +251,7 @@ class BodySizeLimitMiddleware:
                 )
                 if get not in done:
                     if stop in done:
-                        raise ServiceUnavailableError(
-                            "The server is shutting down and takes no new requests; retry, another replica may answer.",
-                            retry_after=1,
-                        )
+                        raise ServiceUnavailableError.shutting_down()
                     raise BodyReadTimeoutError(
                         f"The request body stopped arriving: nothing was received for {self.read_timeout:g} seconds "
                         "(BODY_READ_TIMEOUT)."

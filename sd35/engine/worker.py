@@ -288,10 +288,7 @@ class GenerationEngine:
         job = _Job(params)
         with self._cond:
             if self._closed or self._draining:
-                raise ServiceUnavailableError(
-                    "The server is shutting down and takes no new requests; retry, another replica may answer.",
-                    retry_after=1,
-                )
+                raise ServiceUnavailableError.shutting_down()
             if self._queued_images + params.num_images > self.settings.max_queue_images:
                 seconds_per_image = self.runner.seconds_per_image if self.runner else 1.0
                 raise RateLimitError(
