@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -180,14 +180,14 @@ def fit(requested: str, shape: ModelShape, free_bytes: int, max_batch_images: in
     for name in candidates:
         plan = _fit_full_batch(MODES[name], shape, free_bytes, max_batch_images)
         if plan is not None:
-            reason = f"{_describe(plan, shape, free_bytes)}"
+            reason = _describe(plan, shape, free_bytes)
             if requested == "auto" and name != candidates[0]:
                 skipped = ", ".join(
                     f"{other} needs {_gib(_need(MODES[other], shape, max_batch_images))}"
                     for other in candidates[: candidates.index(name)]
                 )
                 reason += f" ({skipped})"
-            return MemoryPlan(plan.mode, plan.max_batch_images, plan.vae_slicing, plan.weight_bytes, reason)
+            return replace(plan, reason=reason)
     for name in candidates:
         images = _largest_batch(MODES[name], shape, free_bytes, max_batch_images)
         if images:
@@ -196,9 +196,7 @@ def fit(requested: str, shape: ModelShape, free_bytes: int, max_batch_images: in
                 f"MAX_BATCH_IMAGES capped from {max_batch_images} to {images}: a batch of {max_batch_images} at "
                 f"1024² needs {_gib(_need(plan.mode, shape, max_batch_images))} in MEMORY_MODE={name}"
             )
-            return MemoryPlan(
-                plan.mode, images, True, plan.weight_bytes, _describe(plan, shape, free_bytes), notes=(note,)
-            )
+            return replace(plan, reason=_describe(plan, shape, free_bytes), notes=(note,))
     fitting = [
         f"MEMORY_MODE={name} (needs about {_gib(_need(MODES[name], shape, 1))})"
         for name in AUTO_ORDER
