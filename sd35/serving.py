@@ -1,6 +1,6 @@
 """OpenAI image serving: turns a validated request into engine work and a response.
 
-Between the HTTP layer (``api.py``) and the engine: it resolves defaults,
+Between the HTTP layer (``sd35.api``) and the engine: it resolves defaults,
 rejects what this server cannot do, and encodes images on a thread pool so the
 engine's worker is free for the next batch while bytes are being compressed.
 """

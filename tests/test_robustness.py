@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from sd35.api import unless_disconnected
+from sd35.api.disconnects import unless_disconnected
 from sd35.errors import ClientDisconnectedError, ServiceUnavailableError
 from tests.conftest import assert_openai_error, service_client
 from tests.test_engine import InstrumentedPipeline, _hold_worker, params, running_engine

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
-from sd35.api import _until_disconnected
+from sd35.api.disconnects import _until_disconnected
 from sd35.config import Settings
 from sd35.serving import ImageServing
 from tests.conftest import assert_openai_error, pixels, service_client

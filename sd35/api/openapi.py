@@ -1,0 +1,97 @@
+"""The OpenAPI document as the service really behaves, and the response descriptions routes share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from sd35.protocol import ErrorResponse, ImageStreamEvent, StreamErrorEvent
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request (`validation_error`); `param` names the field.",
+        401: "Missing or wrong API key (`authentication_error`).",
+        429: "Too much queued work (`rate_limit_exceeded`); see `Retry-After`.",
+        500: "`gpu_out_of_memory`, `generation_failed` or `internal_error`.",
+        503: "The model is loading or failed to load (`model_not_loaded`).",
+        504: "The request outlived REQUEST_TIMEOUT (`timeout`).",
+    }.items()
+}
+
+STREAMING: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The images; with `stream: true`, server-sent events "
+        "(`*.partial_image` events, then one `*.completed` event per image).",
+        "content": {
+            "text/event-stream": {
+                # One server-sent event: its name, and its data - JSON of one of the event models.
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "anyOf": [
+                                    {"$ref": "#/components/schemas/ImageStreamEvent"},
+                                    {"$ref": "#/components/schemas/StreamErrorEvent"},
+                                ]
+                            },
+                        },
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
+
+BINARY = {"type": "string", "format": "binary"}
+
+
+def multipart_schema(model: type, files: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
+    """OpenAPI for a multipart form: the model's fields plus the files (FastAPI cannot infer it from a raw form)."""
+    schema = model.model_json_schema()  # type: ignore[attr-defined]
+    properties = {**files, **schema["properties"]}
+    form = {"type": "object", "properties": properties, "required": required + schema.get("required", [])}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
+def describe_as_served(app: FastAPI) -> None:
+    """Replace FastAPI's document with one that matches what clients really get.
+
+    FastAPI documents a 422 for every body it validates; sd35 answers 400 in
+    OpenAI's shape instead. The Bearer scheme is declared on the ``/v1``
+    routes so that Swagger UI's "Authorize" sends the key.
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        schemas = components.setdefault("schemas", {})
+        for model in (ImageStreamEvent, StreamErrorEvent):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(definition.pop("$defs", {}))
+            schemas[model.__name__] = definition
+        components["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The server's API_KEY (if set)."}
+        }
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                if path.startswith("/v1"):
+                    operation["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
