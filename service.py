@@ -18,13 +18,14 @@ from sd35.lifecycle import (
     exit_with_parent,
     on_termination,
 )
-from sd35.logs import configure_logging, ready_line
+from sd35.logs import configure_logging, listening_address, ready_line
 from sd35.middleware import (
     BodySizeLimitMiddleware,
     BufferBudget,
-    OpenAIErrorMiddleware,
-    RequestIdMiddleware,
+    RealPath,
+    RouteGate,
     adopt_bentoml_traffic_errors,
+    install_edge,
 )
 
 try:
@@ -33,6 +34,7 @@ except ConfigError as exc:
     sys.exit(f"sd35: configuration error: {exc}")
 configure_logging(settings.log_level)
 adopt_bentoml_traffic_errors()
+install_edge()
 bound_graceful_shutdown(settings.shutdown_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
 if bentoml.server_context.worker_index is not None:  # a worker, not the arbiter importing the service
     exit_with_parent()
@@ -59,11 +61,11 @@ class SD35:
         from sd35.serving import ImageServing
         from sd35.storage import Sweeper, make_image_store
 
-        port = int(os.environ.get("BENTOML_PORT") or settings.port)
+        host, port = listening_address(settings.host, int(os.environ.get("BENTOML_PORT") or settings.port))
         self.engine = GenerationEngine(
             settings,
             worker_index=bentoml.server_context.worker_index or 1,
-            on_ready=lambda seconds: logging.getLogger("sd35").info(ready_line(settings.host, port, seconds)),
+            on_ready=lambda seconds: logging.getLogger("sd35").info(ready_line(host, port, seconds)),
         )
         self.engine.start()
         store = make_image_store(settings)
@@ -87,9 +89,12 @@ class SD35:
         self.sweeper.stop()
 
 
-# The first added is the outermost: CORS answers preflights and decorates every
-# reply (401s too); errors are shaped after everything inside; a request
-# without the key is refused before its body is read.
+# The first added is the outermost (sd35.middleware lists the whole stack,
+# BentoML's layers included): the real path back from the route templates
+# BentoML's metrics saw; CORS answers preflights and decorates every reply
+# (401s too); then the route, then the key are decided on the request line and
+# headers, and only then is a body read.
+SD35.add_asgi_middleware(RealPath)
 if settings.cors_allow_origins:
     from starlette.middleware.cors import CORSMiddleware
 
@@ -98,11 +103,10 @@ if settings.cors_allow_origins:
         allow_origins=list(settings.cors_allow_origins),
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["authorization", "content-type"],
-        expose_headers=["x-request-id", "retry-after"],
+        expose_headers=["x-request-id", "openai-processing-ms", "retry-after"],
         max_age=600,
     )
-SD35.add_asgi_middleware(RequestIdMiddleware)
-SD35.add_asgi_middleware(OpenAIErrorMiddleware)
+SD35.add_asgi_middleware(RouteGate)
 SD35.add_asgi_middleware(BearerAuthMiddleware, api_keys=settings.api_keys)
 SD35.add_asgi_middleware(
     BodySizeLimitMiddleware,
@@ -110,6 +114,7 @@ SD35.add_asgi_middleware(
     max_upload_bytes=settings.max_upload_bytes,
     upload_paths=("/v1/images/edits", "/v1/images/variations"),
     read_timeout=settings.body_read_timeout,
+    min_rate=settings.body_min_rate,
     budget=BufferBudget(settings.max_buffered_bytes),
     stopping=stopping,
 )

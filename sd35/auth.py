@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sd35.errors import AuthenticationError, error_bytes
+from sd35.middleware.replies import body_pending
 
 PROTECTED_PREFIX = "/v1"
 # Images returned as URLs: the unguessable name is the credential, as with
@@ -64,7 +65,9 @@ class BearerAuthMiddleware:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        status, body, headers = error_bytes(AuthenticationError(problem))
+        status, body, headers = error_bytes(AuthenticationError(problem), scope["path"])
         headers.append((b"www-authenticate", b"Bearer"))
+        if body_pending(scope):  # refused on the headers: the body is never read, nor the connection kept
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -88,6 +88,7 @@ class Settings:
     max_upload_bytes: int = 64 << 20
     max_buffered_bytes: int = 256 << 20
     body_read_timeout: float = 30.0
+    body_min_rate: float = 4096.0
     log_level: str = "INFO"
     memory_mode: str = "auto"
     torch_compile: str = "off"
@@ -107,6 +108,7 @@ class Settings:
     image_store_s3_bucket: str | None = None
     image_store_s3_prefix: str = "sd35/"
     image_store_s3_endpoint_url: str | None = None
+    image_store_timeout: float = 20.0
     lora_adapters: tuple[AdapterSpec, ...] = ()
 
     @property
@@ -222,7 +224,10 @@ def _base_url(raw: str) -> str:
 
 def _s3_prefix(raw: str) -> str:
     prefix = raw.strip("/")
-    return f"{prefix}/" if prefix else ""
+    if not prefix:
+        # The expiry sweep deletes under the prefix: never at the bucket's root.
+        raise ValueError
+    return f"{prefix}/"
 
 
 def _api_keys(raw: str) -> tuple[str, ...]:
@@ -333,6 +338,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         body_read_timeout=_parse(
             env, "BODY_READ_TIMEOUT", 30.0, _bounded(float, 0.1, 3600), "a number of seconds between 0.1 and 3600"
         ),
+        body_min_rate=_parse(
+            env,
+            "BODY_MIN_RATE",
+            4096.0,
+            _bounded(float, 0, 1 << 30),
+            "a number of bytes per second between 0 (no minimum) and 2**30",
+        ),
         log_level=_parse(env, "LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
         memory_mode=_parse(
             env, "MEMORY_MODE", "auto", _choice(*MEMORY_MODES), ", ".join(MEMORY_MODES[:-1]) + " or " + MEMORY_MODES[-1]
@@ -377,8 +389,18 @@ def _image_store_settings(env: Mapping[str, str]) -> dict[str, object]:
             env, "IMAGE_STORE_MAX_BYTES", 2 << 30, _bounded(int, 1 << 20, 1 << 50), "a number of bytes ≥ 1048576"
         ),
         "image_store_s3_bucket": bucket,
-        "image_store_s3_prefix": _parse(env, "IMAGE_STORE_S3_PREFIX", "sd35/", _s3_prefix, "a key prefix"),
+        "image_store_s3_prefix": _parse(
+            env,
+            "IMAGE_STORE_S3_PREFIX",
+            "sd35/",
+            _s3_prefix,
+            "a key prefix such as sd35/ (not empty, not /: expired images are deleted under it, "
+            "so it must not be the bucket's root)",
+        ),
         "image_store_s3_endpoint_url": _parse(
             env, "IMAGE_STORE_S3_ENDPOINT_URL", None, _base_url, "an absolute URL such as http://minio:9000"
+        ),
+        "image_store_timeout": _parse(
+            env, "IMAGE_STORE_TIMEOUT", 20.0, _bounded(float, 1, 3600), "a number of seconds between 1 and 3600"
         ),
     }

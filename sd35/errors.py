@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from sd35 import metrics
 
@@ -20,7 +21,8 @@ class APIError(Exception):
     """An error with an HTTP status and an OpenAI error code."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
+    # None where OpenAI sends none (an unknown URL).
+    code: ClassVar[str | None] = "internal_error"
     type: ClassVar[str] = "server_error"
     # The openai SDKs retry 5xx twice by default; for failures that a retry
     # cannot fix that would triple the GPU work, so say so explicitly.
@@ -51,10 +53,31 @@ class NotFoundError(APIError):
     type = "invalid_request_error"
 
 
+class InvalidURLError(APIError):
+    """No route has this path: OpenAI's own answer, word for word, with ``code`` null."""
+
+    status = 404
+    code = None
+    type = "invalid_request_error"
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(f"Invalid URL ({method} {path})")
+
+
 class MethodNotAllowedError(APIError):
+    """The path is a route, but not for this method; ``allow`` lists the methods it takes."""
+
     status = 405
     code = "method_not_allowed"
     type = "invalid_request_error"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    @classmethod
+    def for_route(cls, method: str, path: str, allow: tuple[str, ...]) -> MethodNotAllowedError:
+        return cls(f"Invalid method for URL ({method} {path}): it accepts {', '.join(allow)}.", allow=allow)
 
 
 class RateLimitError(APIError):
@@ -75,8 +98,17 @@ class GenerationFailedError(APIError):
 
 
 class ImageStoreError(APIError):
-    status = 500
+    """The image store (disk or bucket) failed or did not answer in time: an upstream of ours, hence 502."""
+
+    status = 502
     code = "image_store_failed"
+
+
+class ImageStoreFullError(APIError):
+    """The local store holds IMAGE_STORE_MAX_BYTES of images that have not expired; none is evicted early."""
+
+    status = 507
+    code = "image_store_full"
 
 
 class InternalError(APIError):
@@ -142,17 +174,38 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
         # Log the details for the operator; the client gets no traceback or path.
         logger.error("unexpected error", exc_info=exc)
         exc = InternalError("The server had an unexpected error while processing the request.")
-    metrics.ERRORS.labels(exc.code).inc()
+    metrics.ERRORS.labels(exc.code or "invalid_url").inc()
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
     headers = {"x-should-retry": "true" if exc.retryable else "false"}
     if exc.retry_after is not None:
         headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, MethodNotAllowedError) and exc.allow:
+        headers["allow"] = ", ".join(exc.allow)
     return exc.status, body, headers
 
 
-def error_bytes(exc: BaseException) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """:func:`error_payload` encoded for a raw ASGI response."""
-    status, body, headers = error_payload(exc)
+Surface = Literal["openai"]
+_PAYLOADS: dict[Surface, Callable[[BaseException], tuple[int, dict[str, Any], dict[str, str]]]] = {
+    "openai": error_payload
+}
+
+
+def surface_of(path: str) -> Surface:
+    """Which API a path belongs to, and so which error shape its clients parse.
+
+    Every path speaks OpenAI's shape today (probes and docs too, so that a
+    mistyped base URL still gets a readable error); another surface with its
+    own shape adds its prefix here.
+    """
+    return "openai"
+
+
+def error_bytes(exc: BaseException, path: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The error reply for ``path``, encoded for a raw ASGI response: the one place ASGI middleware gets its bodies.
+
+    ``path`` picks the shape (:func:`surface_of`).
+    """
+    status, body, headers = _PAYLOADS[surface_of(path)](exc)
     content = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
     raw_headers += [(name.encode(), value.encode()) for name, value in headers.items()]

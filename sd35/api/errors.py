@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sd35.errors import APIError, MethodNotAllowedError, NotFoundError, ValidationError, error_payload
+from sd35.errors import APIError, InvalidURLError, MethodNotAllowedError, ValidationError, error_payload
 
 
 def error_response(request: Request, exc: BaseException) -> JSONResponse:
@@ -48,10 +48,13 @@ def validation_error(request: Request, exc: RequestValidationError | PydanticVal
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> BaseException:
+    # Rare here: sd35.middleware.RouteGate answers paths and methods of no route
+    # before the app; what remains is, e.g., a missing file under a static mount.
     if exc.status_code == 405:
-        return MethodNotAllowedError(f"Method {request.method} is not allowed for {request.url.path}.")
+        allow = tuple(method.strip() for method in (exc.headers or {}).get("Allow", "").split(",") if method.strip())
+        return MethodNotAllowedError.for_route(request.method, request.url.path, allow)
     if exc.status_code == 404:
-        return NotFoundError(f"No route {request.method} {request.url.path}.")
+        return InvalidURLError(request.method, request.url.path)
     if exc.status_code == 400:
         return ValidationError(str(exc.detail))
     return exc
