@@ -89,7 +89,8 @@ def b64encode(data: bytes) -> bytes:
 # --- uploads (edits and variations) -------------------------------------------
 
 MAX_INPUT_PIXELS = 4096 * 4096
-UPLOAD_FORMATS = {"PNG", "JPEG", "WEBP"}
+# MPO is a JPEG with more frames after the first (phone cameras write it): its first frame is the picture.
+UPLOAD_FORMATS = {"PNG", "JPEG", "WEBP", "MPO"}
 
 
 class UploadError(ValueError):
@@ -100,28 +101,39 @@ class UploadError(ValueError):
         self.field = field
 
 
-def read_upload(data: bytes, name: str, field: str) -> Image.Image:
-    """Decode an uploaded image, refusing empty, foreign, truncated and oversized files before decoding pixels.
+def probe_upload(data: bytes, name: str, field: str) -> Image.Image:
+    """Open an uploaded image from its header alone, refusing empty, foreign and oversized files; no pixel decoded.
 
-    ``name`` is how messages refer to the file (``image[1]``); ``field`` is the form field it came in.
+    The header says how many pixels decoding would make: a small file that
+    would expand to gigabytes is refused before it does. ``name`` is how
+    messages refer to the file (``image[1]``); ``field`` is the form field it came in.
     """
     if not data:
         raise UploadError(f"'{name}' is empty; send a PNG, JPEG or WebP file", field)
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format not in UPLOAD_FORMATS:
-            raise UploadError(f"'{name}' is a {image.format or 'unknown'} file; send a PNG, JPEG or WebP image", field)
-        # The header says how big the pixels will be: check before decoding
-        # them, so that a small file that expands to gigabytes never does.
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise UploadError(
-                f"'{name}' is {image.width}x{image.height}: it has more than {MAX_INPUT_PIXELS} pixels; "
-                "send a smaller image",
-                field,
-            )
+    except Image.DecompressionBombError:
+        raise UploadError(f"'{name}' has more than {MAX_INPUT_PIXELS} pixels; send a smaller image", field) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UploadError(f"'{name}' is not a readable PNG, JPEG or WebP image ({type(exc).__name__})", field) from None
+    if image.format not in UPLOAD_FORMATS:
+        raise UploadError(f"'{name}' is a {image.format or 'unknown'} file; send a PNG, JPEG or WebP image", field)
+    if image.width * image.height > MAX_INPUT_PIXELS:
+        raise UploadError(
+            f"'{name}' is {image.width}x{image.height}: it has more than {MAX_INPUT_PIXELS} pixels; "
+            "send a smaller image",
+            field,
+        )
+    return image
+
+
+def read_upload(data: bytes, name: str, field: str) -> Image.Image:
+    """Decode an uploaded image (its first frame) after :func:`probe_upload` has checked its header."""
+    image = probe_upload(data, name, field)
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
         image.load()
-    except UploadError:
-        raise
     except Image.DecompressionBombError:
         raise UploadError(f"'{name}' has more than {MAX_INPUT_PIXELS} pixels; send a smaller image", field) from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -3,6 +3,15 @@
 Between the HTTP layer (``sd35.api``) and the engine: it resolves defaults,
 rejects what this server cannot do, and encodes images on a thread pool so the
 engine's worker is free for the next batch while bytes are being compressed.
+
+Each kind of off-loop work has a bounded pool of its own, so one cannot hold
+up the others: uploads are decoded on ``sd35-decode``, images encoded on
+``sd35-encode``, and stored (disk or bucket) on ``sd35-store``: a store that
+hangs holds only the requests that wait for it, never another user's
+``b64_json`` response. ``REQUEST_TIMEOUT`` bounds the whole request — decoding,
+the queue, the pipeline, encoding and storing — and ``IMAGE_STORE_TIMEOUT``
+bounds the wait for the store. Work handed to a pool carries the request's
+context, so its log lines carry the request id.
 """
 
 from __future__ import annotations
@@ -10,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -23,7 +35,13 @@ from PIL import Image
 from sd35 import metrics, responses
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams, adapters
-from sd35.errors import ImageStoreError, ValidationError, error_payload
+from sd35.errors import (
+    ImageStoreError,
+    ImageStoreFullError,
+    RequestTimeoutError,
+    ValidationError,
+    error_payload,
+)
 from sd35.imaging import (
     OutputFormat,
     UploadError,
@@ -34,6 +52,7 @@ from sd35.imaging import (
     format_size,
     has_transparency,
     parse_size,
+    probe_upload,
     read_upload,
     repaint_mask,
 )
@@ -44,9 +63,15 @@ from sd35.protocol import (
     ModelCard,
     ModelList,
 )
-from sd35.storage import ImageStore
+from sd35.storage import ImageStore, StoreFullError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Threads that may wait on the image store at once; more requests queue for them (each within its deadline).
+STORE_THREADS = 4
+# Threads decoding uploads: an edit's upload is decoded once, but a 4096² PNG takes a second or more.
+DECODE_THREADS = 2
 
 SEED_BITS = 32
 # Without a mask an edit keeps the input's composition; with one, the masked
@@ -75,6 +100,36 @@ class ImageServing:
         self._encoders = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="sd35-encode"
         )
+        self._decoders = concurrent.futures.ThreadPoolExecutor(
+            max_workers=DECODE_THREADS, thread_name_prefix="sd35-decode"
+        )
+        self._storers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=STORE_THREADS, thread_name_prefix="sd35-store"
+        )
+
+    @staticmethod
+    def _in(pool: concurrent.futures.Executor, work: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """``work(*args)`` on ``pool``, in a copy of the caller's context (its request id, for its log lines)."""
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().run_in_executor(pool, functools.partial(context.run, work, *args))
+
+    def _deadline(self) -> float:
+        """When a request that starts now must be answered (REQUEST_TIMEOUT), on the event loop's clock."""
+        return asyncio.get_running_loop().time() + self.settings.request_timeout
+
+    def _timed_out(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"The request did not finish within {self.settings.request_timeout:g} seconds (REQUEST_TIMEOUT); "
+            "try again later, or with fewer or smaller images."
+        )
+
+    async def _within(self, deadline: float, work: Awaitable[T]) -> T:
+        """``work``, or a 504 once ``deadline`` has passed (the work is cancelled)."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(work, max(remaining, 0))
+        except TimeoutError:
+            raise self._timed_out() from None
 
     def params_for(self, request: ImageGenerationRequest) -> GenerationParams:
         width, height = request.dimensions()
@@ -95,17 +150,46 @@ class ImageServing:
     def _model_label(self, params: GenerationParams) -> str:
         return params.adapter or self.settings.served_model_name
 
-    def _encode_url(
-        self, pixels: np.ndarray, output_format: OutputFormat, compression: int, base: str
-    ) -> responses.Parts:
-        data = encode_image(pixels, output_format, compression)
+    async def _store(self, data: bytes, output_format: OutputFormat, base_url: str, deadline: float) -> str:
+        """Put one encoded image in the store and return its URL, within IMAGE_STORE_TIMEOUT and the deadline.
+
+        Failing here is the store's doing, whatever ran out first: a 502 that names it.
+        """
+        store = self.store.describe()
+        loop = asyncio.get_running_loop()
+        wait = min(self.settings.image_store_timeout, deadline - loop.time())
         try:
-            return responses.url_item(self.store.put(data, output_format, base))
-        except Exception as exc:
-            logger.error("could not store an image: %s: %s", type(exc).__name__, exc)
-            raise ImageStoreError(
-                "The image was generated but could not be stored; try response_format=b64_json."
+            return await asyncio.wait_for(self._in(self._storers, self.store.put, data, output_format, base_url), wait)
+        except StoreFullError as exc:
+            logger.warning("refused a url image: %s", exc)
+            raise ImageStoreFullError(
+                f"The image store ({store}) is full of images that have not expired yet (IMAGE_STORE_MAX_BYTES); "
+                "retry later, or ask for response_format=b64_json."
             ) from None
+        except TimeoutError:
+            logger.error("the image store (%s) did not take an image within %.1f s", store, wait)
+            raise ImageStoreError(
+                f"The image store ({store}) did not answer within {max(wait, 0):.0f} seconds "
+                "(IMAGE_STORE_TIMEOUT, REQUEST_TIMEOUT); the image was generated but not stored: "
+                "retry, or ask for response_format=b64_json."
+            ) from None
+        except Exception as exc:
+            logger.error("could not store an image in %s: %s: %s", store, type(exc).__name__, exc)
+            raise ImageStoreError(
+                f"The image store ({store}) failed; the image was generated but not stored: "
+                "retry, or ask for response_format=b64_json."
+            ) from None
+
+    async def _check_room(self, deadline: float) -> None:
+        """Refuse a `url` request before any GPU work when the store has no room for its images."""
+        loop = asyncio.get_running_loop()
+        wait = min(self.settings.image_store_timeout, deadline - loop.time())
+        with contextlib.suppress(TimeoutError):  # a slow store is the store step's to report
+            if not await asyncio.wait_for(self._in(self._storers, self.store.has_room), wait):
+                raise ImageStoreFullError(
+                    f"The image store ({self.store.describe()}) is full of images that have not expired yet "
+                    "(IMAGE_STORE_MAX_BYTES); retry later, or ask for response_format=b64_json."
+                )
 
     def _defaults(self, seed: int | None, steps: int | None, guidance: float | None) -> dict:
         return {
@@ -118,15 +202,21 @@ class ImageServing:
     def edit_params(
         self, request: ImageEditRequest | ImageVariationRequest, uploads: list[tuple[str, bytes]], mask: bytes | None
     ) -> GenerationParams:
-        """Decode and check the uploads; the first image is edited (a mask applies to it, as at OpenAI)."""
+        """Decode and check the uploads; the first image is edited (a mask applies to it, as at OpenAI).
+
+        Only what is used is decoded: the first image and the mask. Other
+        images are checked from their headers alone (a readable image within
+        the pixel budget), as OpenAI refuses a bad one.
+        """
         if not uploads:
             raise ValidationError("Missing required file: 'image' (a PNG, JPEG or WebP image).", param="image")
         try:
-            images = [read_upload(data, name, "image") for name, data in uploads]
+            for name, data in uploads[1:]:
+                probe_upload(data, name, "image")
+            source = read_upload(uploads[0][1], uploads[0][0], "image")
             mask_image = None if mask is None else read_upload(mask, "mask", "mask")
         except UploadError as exc:
             raise ValidationError(f"{exc}.", param=exc.field) from None
-        source = images[0]
         if mask_image is not None and mask_image.size != source.size:
             raise ValidationError(
                 f"'mask' is {mask_image.width}x{mask_image.height} but 'image' is {source.width}x{source.height}; "
@@ -156,11 +246,15 @@ class ImageServing:
         )
 
     async def decode_edit(
-        self, request: ImageEditRequest | ImageVariationRequest, uploads: list[tuple[str, bytes]], mask: bytes | None
+        self,
+        request: ImageEditRequest | ImageVariationRequest,
+        uploads: list[tuple[str, bytes]],
+        mask: bytes | None,
+        deadline: float | None = None,
     ) -> GenerationParams:
         """:meth:`edit_params` off the event loop (decoding images takes CPU time)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._encoders, self.edit_params, request, uploads, mask)
+        deadline = self._deadline() if deadline is None else deadline
+        return await self._within(deadline, self._in(self._decoders, self.edit_params, request, uploads, mask))
 
     async def edit(
         self,
@@ -169,29 +263,42 @@ class ImageServing:
         mask: bytes | None,
         base_url: str,
     ) -> bytes:
-        return await self._respond(await self.decode_edit(request, uploads, mask), request, base_url)
+        deadline = self._deadline()
+        params = await self.decode_edit(request, uploads, mask, deadline)
+        return await self._respond(params, request, base_url, deadline)
 
     async def generate(self, request: ImageGenerationRequest, base_url: str) -> bytes:
         """The JSON body of the response; ``base_url``: where clients reach this service, for `url` images."""
-        return await self._respond(self.params_for(request), request, base_url)
+        return await self._respond(self.params_for(request), request, base_url, self._deadline())
 
     async def _respond(
         self,
         params: GenerationParams,
         request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
         base_url: str,
+        deadline: float,
     ) -> bytes:
         output_format, compression = _encoding(request)
-        images = await self.engine.generate(params)
+        url = request.response_format == "url"
+        if url:
+            await self._check_room(deadline)
         loop = asyncio.get_running_loop()
-        if request.response_format == "url":
-            jobs = [
-                loop.run_in_executor(self._encoders, self._encode_url, px, output_format, compression, base_url)
-                for px in images
-            ]
+        try:
+            images = await self.engine.generate(params, timeout=max(deadline - loop.time(), 0))
+        except RequestTimeoutError:
+            raise self._timed_out() from None
+        if url:
+            encoded = await self._within(
+                deadline,
+                asyncio.gather(
+                    *(self._in(self._encoders, encode_image, px, output_format, compression) for px in images)
+                ),
+            )
+            # One at a time: a store that fails or hangs is met once, not once per image.
+            items = [responses.url_item(await self._store(data, output_format, base_url, deadline)) for data in encoded]
         else:
-            jobs = [loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images]
-        items = await asyncio.gather(*jobs)
+            jobs = (self._in(self._encoders, _encode_b64, px, output_format, compression) for px in images)
+            items = await self._within(deadline, asyncio.gather(*jobs))
         metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
         return responses.images_body(
             int(time.time()),
@@ -239,12 +346,13 @@ class ImageServing:
 
         async def events() -> AsyncIterator[bytes]:
             done = asyncio.ensure_future(self.engine.result(job))
+            waiting: asyncio.Future[tuple[int, int, np.ndarray]] | None = None
             try:
                 while not done.done() or not previews.empty():
                     waiting = asyncio.ensure_future(previews.get())
                     await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
                     if waiting.done():
-                        yield await loop.run_in_executor(self._encoders, partial, *waiting.result())
+                        yield await self._in(self._encoders, partial, *waiting.result())
                     else:
                         waiting.cancel()
                 try:
@@ -260,16 +368,20 @@ class ImageServing:
                     "output_tokens": 0,
                     "total_tokens": tokens,
                 }
-                finals = [loop.run_in_executor(self._encoders, encoded, pixels) for pixels in images]
+                finals = [self._in(self._encoders, encoded, pixels) for pixels in images]
                 for index, final in enumerate(finals):
                     payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
                     yield responses.event(f"{kind}.completed", payload, await final)
                 metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(images))
             finally:
+                # Also when the client left (the relay cancels this): the job is given up, nothing is left pending.
+                if waiting is not None:
+                    waiting.cancel()
                 if not done.done():
                     done.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await done
+                # Whatever it ended with was answered already, or has nobody left to answer.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await done
 
         return events()
 
@@ -284,4 +396,5 @@ class ImageServing:
         return ModelList(data=cards)
 
     def close(self) -> None:
-        self._encoders.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._encoders, self._decoders, self._storers):
+            pool.shutdown(wait=False, cancel_futures=True)
