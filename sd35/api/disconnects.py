@@ -42,24 +42,56 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _until_disconnected(request: Request, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Relay ``events``, cancelling them as soon as the client goes away, even while nothing is being sent."""
+    """Relay ``events``, stopping them as soon as the client goes away, even while nothing is being sent.
+
+    One task, the pump, is the only one ever to advance ``events``: an async
+    generator advanced or closed from two tasks at once fails ("aclose():
+    asynchronous generator is already running") and is left for the garbage
+    collector to finish, and with it the job. When the client leaves, the pump
+    is cancelled at once, from the watcher's callback, wherever this relay is
+    suspended: the cancellation reaches ``events`` at its await, whose cleanup
+    gives the job up (out of the queue, or its batch stopped at the next step
+    when nobody else waits for it). The relay then ends quietly: nobody is
+    there to read an error.
+    """
+    relayed: asyncio.Queue[bytes | object] = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for item in events:
+                await relayed.put(item)
+        await relayed.put(_END)
+
+    pumping = asyncio.ensure_future(pump())
     watcher = asyncio.ensure_future(_disconnected(request))
+    watcher.add_done_callback(lambda _: pumping.cancel())
+    getting: asyncio.Future[bytes | object] | None = None
     try:
         while True:
-            step = asyncio.ensure_future(anext(events))
-            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
+            getting = asyncio.ensure_future(relayed.get())
+            await asyncio.wait({getting, pumping, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getting.done():
+                item = getting.result()
+                if item is _END:
+                    return
+                yield item  # type: ignore[misc]
+            elif watcher.done() or pumping.cancelled():
                 return
-            try:
-                yield step.result()
-            except StopAsyncIteration:
+            else:  # the pump ended without its end marker: events raised, and so does the relay
+                getting.cancel()
+                pumping.result()
                 return
     finally:
+        if getting is not None:
+            getting.cancel()
         watcher.cancel()
-        await events.aclose()  # type: ignore[attr-defined]
+        if not pumping.done():
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+
+
+_END = object()
 
 
 def event_stream(request: Request, events: AsyncIterator[bytes]) -> StreamingResponse:
