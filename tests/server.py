@@ -31,16 +31,22 @@ class Server:
 
 @contextmanager
 def running_server(
-    env: dict[str, str], workdir: Path, target: str = "service:SD35", timeout: float = 180, ready: bool = True
+    env: dict[str, str],
+    workdir: Path,
+    target: str = "service:SD35",
+    timeout: float = 180,
+    ready: bool = True,
+    cli_port: bool = False,
 ) -> Iterator[Server]:
     """Serve ``target`` with ``env`` (plus HOST/PORT on loopback); yields the server once ready
-    (or, with ``ready=False``, once it answers at all: for a model that is loading or failed)."""
+    (or, with ``ready=False``, once it answers at all: for a model that is loading or failed).
+    ``cli_port``: the port is given as ``bentoml serve --port`` instead, and PORT names another one."""
     port = free_port()
     log_path = workdir / f"server-{port}.log"
     full_env = {
         **os.environ,
         "HOST": "127.0.0.1",
-        "PORT": str(port),
+        "PORT": str(free_port() if cli_port else port),
         "BENTOML_HOME": str(workdir / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
@@ -50,7 +56,7 @@ def running_server(
     bentoml = Path(sys.executable).with_name("bentoml")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(bentoml), "serve", target],
+            [str(bentoml), "serve", target, *(["--port", str(port)] if cli_port else [])],
             cwd=ROOT,
             env=full_env,
             stdout=log,

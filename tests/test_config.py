@@ -22,6 +22,8 @@ def test_defaults() -> None:
     assert (settings.memory_mode, settings.torch_compile, settings.vae_channels_last) == ("auto", "off", False)
     assert (settings.warmup, settings.workers) == (True, 1)
     assert (settings.body_read_timeout, settings.max_buffered_bytes) == (30.0, 256 << 20)
+    assert (settings.body_min_rate, settings.image_store_timeout) == (4096.0, 20.0)
+    assert settings.image_store_s3_prefix == "sd35/"
 
 
 def test_every_variable_is_read() -> None:
@@ -47,7 +49,10 @@ def test_every_variable_is_read() -> None:
             "WARMUP": "false",
             "WORKERS": "4",
             "BODY_READ_TIMEOUT": "2.5",
+            "BODY_MIN_RATE": "0",
             "MAX_BUFFERED_BYTES": str(128 << 20),
+            "IMAGE_STORE_TIMEOUT": "7.5",
+            "IMAGE_STORE_S3_PREFIX": "/team/images/",
         }
     )
     assert settings.model_id == "/models/sd35" and settings.hf_token == "hf_b"
@@ -59,6 +64,8 @@ def test_every_variable_is_read() -> None:
     assert (settings.memory_mode, settings.torch_compile) == ("cpu_offload", "blocks")
     assert (settings.vae_channels_last, settings.warmup, settings.workers) == (True, False, 4)
     assert (settings.body_read_timeout, settings.max_buffered_bytes) == (2.5, 128 << 20)
+    assert (settings.body_min_rate, settings.image_store_timeout) == (0.0, 7.5)
+    assert settings.image_store_s3_prefix == "team/images/"
 
 
 def test_hf_token_wins_over_the_long_name() -> None:
@@ -121,6 +128,10 @@ def test_explicit_defaults_override_the_model() -> None:
         ("BODY_READ_TIMEOUT", "0"),
         ("MAX_BUFFERED_BYTES", "many"),
         ("MAX_BUFFERED_BYTES", str(32 << 20)),
+        ("BODY_MIN_RATE", "-1"),
+        ("IMAGE_STORE_TIMEOUT", "0"),
+        ("IMAGE_STORE_S3_PREFIX", "/"),
+        ("IMAGE_STORE_S3_PREFIX", "//"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

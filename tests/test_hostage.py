@@ -172,9 +172,12 @@ def test_workers_exit_when_the_arbiter_is_killed_even_holding_a_request(tiny_mod
         killed = time.monotonic()
         server.process.wait(5)
         assert _alive([worker]), "the worker outlived the arbiter's SIGKILL itself"
-        _wait_gone([worker], GRACE + FEW_SECONDS)
-        # The request that never ends was cancelled when the grace and its margin were over.
+        # The request that never ends was cancelled when the grace and its margin were over, and answered.
+        status, headers, body, closed = _reply(hanging, timeout=GRACE + FEW_SECONDS)
+        assert (status, body["error"]["code"], closed) == (503, "service_unavailable", True), body
+        assert "SHUTDOWN_GRACE_SECONDS" in body["error"]["message"] and headers["x-should-retry"] == "true"
         assert time.monotonic() - killed >= GRACE + 3
+        _wait_gone([worker], GRACE + FEW_SECONDS)
         log = server.log_text()
         assert "shutting down: no new requests" in log and "timeout graceful shutdown exceeded" in log, log[-3000:]
 
@@ -202,9 +205,12 @@ def test_a_stalled_body_is_answered_408_and_closed(strict: Server) -> None:
 
 
 def _hold(server: Server, stop: threading.Event) -> socket.socket:
-    """An upload that reserved 4 MiB and trickles a byte before each read timeout, until ``stop``."""
+    """An upload that sent 3.75 MiB of its 4 MiB and trickles a byte before each read timeout, until ``stop``.
+
+    Only bytes received count against the budget: a declared length alone holds nothing.
+    """
     headers = {**EDIT_HEADERS, "Content-Length": str(4 << 20)}
-    sock = _open(server, "/v1/images/edits", headers, b"--x\r\n")
+    sock = _open(server, "/v1/images/edits", headers, b"--x\r\n" + b"a" * (15 << 18))
 
     def trickle() -> None:
         while not stop.wait(0.3):
@@ -219,8 +225,12 @@ def test_the_buffered_bytes_cap_refuses_the_next_upload(strict: Server) -> None:
     stop = threading.Event()
     holders = [_hold(strict, stop) for _ in range(2)]
     try:
-        time.sleep(0.3)
-        refused = httpx.post(f"{strict.url}/v1/images/edits", files={"image": b"x" * 1000}, data={"prompt": "x"})
+        deadline = time.monotonic() + 10
+        while _metrics(strict)["sd35_buffered_body_bytes"] < 2 * (15 << 18):  # 7.5 of the 8 MiB are held
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # A body declared larger than what is left is refused before it is sent.
+        refused = httpx.post(f"{strict.url}/v1/images/edits", files={"image": b"x" * (600 << 10)}, data={"prompt": "x"})
         error = assert_openai_error(refused, 503, "server_busy")
         assert "MAX_BUFFERED_BYTES" in error["message"] and int(refused.headers["retry-after"]) >= 1
         assert refused.headers["connection"] == "close"

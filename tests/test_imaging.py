@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sd35 import png, responses
-from sd35.imaging import b64encode, encode_image
+from sd35.imaging import UploadError, b64encode, encode_image, probe_upload, read_upload
 from sd35.protocol import ImagesResponse, ImageStreamEvent
 
 
@@ -149,3 +149,38 @@ def test_events_are_server_sent_json() -> None:
     ImageStreamEvent.model_validate(data)
     error = json.loads(responses.event("error", {"error": {"message": "x"}}).split(b"data: ", 1)[1])
     assert error == {"type": "error", "error": {"message": "x"}}
+
+
+# --- uploads -------------------------------------------------------------------------------------
+
+
+def _saved(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_probing_an_upload_reads_only_its_header() -> None:
+    whole = _saved(Image.new("RGB", (300, 200), (10, 20, 30)), "PNG")
+    truncated = whole[: len(whole) // 2]  # a header, and half its pixels
+    probed = probe_upload(truncated, "image[1]", "image")
+    assert (probed.format, probed.size) == ("PNG", (300, 200))
+    with pytest.raises(UploadError, match=r"'image\[1\]' is not a readable"):
+        read_upload(truncated, "image[1]", "image")
+
+
+def test_the_pixel_budget_is_checked_from_the_header() -> None:
+    # 1 x 20000² would be 400 MB of pixels; the file itself is a few kB.
+    huge = _saved(Image.new("L", (20_000, 1000)), "PNG")
+    with pytest.raises(UploadError, match="more than 16777216 pixels") as refused:
+        probe_upload(huge, "image", "image")
+    assert refused.value.field == "image"
+
+
+def test_mpo_photos_are_read_from_their_first_frame() -> None:
+    first, second = Image.new("RGB", (64, 48), (250, 0, 0)), Image.new("RGB", (64, 48), (0, 0, 250))
+    mpo = _saved(first, "MPO", save_all=True, append_images=[second])
+    image = read_upload(mpo, "image", "image")
+    assert image.format == "MPO" and image.size == (64, 48)
+    red, _, blue = image.convert("RGB").getpixel((10, 10))
+    assert red > 200 and blue < 50

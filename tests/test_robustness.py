@@ -231,3 +231,25 @@ def test_draining_refuses_new_work_then_interrupts_the_batch_and_refuses_the_que
             await queued
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "label", "allow"),
+    [
+        ("GET", "/v1/images/files/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.png", "/v1/images/files/{name}", ()),
+        ("POST", "/v1/images/generations", "/v1/images/generations", ()),
+        ("GET", "/docs-assets/swagger-ui.css", "/docs-assets/{path}", ()),
+        ("GET", "/livez", "/livez", ()),
+        ("GET", "/metrics", "/metrics", ()),
+        ("GET", "/a/random/path/9f8e7d", "/{unmatched}", ()),
+        ("GET", "/v1/images/generations", "/{unmatched}", ("POST",)),
+        ("PUT", "/v1/images/files/x", "/{unmatched}", ("GET",)),
+    ],
+)
+def test_requests_are_labelled_by_their_route_template(
+    client: TestClient, method: str, path: str, label: str, allow: tuple[str, ...]
+) -> None:
+    from sd35.middleware import route_of
+
+    route = route_of({"type": "http", "method": method, "path": path, "app": client.app, "headers": []})
+    assert (route.label, route.allow) == (label, allow)

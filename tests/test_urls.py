@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from starlette.testclient import TestClient
 
 from sd35.storage import LocalImageStore, S3ImageStore, StoreFullError
 from tests.conftest import assert_openai_error, service_client
-from tests.server import moto_s3, running_server
+from tests.server import failed_start, moto_s3, running_server
 
 GEN = "/v1/images/generations"
 KEY = "k-url"
@@ -255,15 +256,49 @@ def test_s3_store_hands_out_presigned_urls_that_any_client_fetches(
 
 
 @pytest.mark.server
-def test_s3_sweep_deletes_expired_objects(s3_endpoint: str) -> None:
+def test_s3_sweep_deletes_only_its_own_expired_objects(s3_endpoint: str) -> None:
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3_endpoint, **S3_CREDENTIALS)
-    store = S3ImageStore("sd35-images", "sweep-test/", ttl_seconds=1, client=client)
+    client.create_bucket(Bucket="shared-bucket")
+    foreign = [
+        "sweep-test/notes.txt",
+        "sweep-test/backup/" + "A" * 32 + ".png",
+        "sweep-test/" + "B" * 32 + ".gif",
+        "sweep-test/" + "C" * 31 + ".png",
+        "elsewhere/" + "D" * 32 + ".png",
+        "E" * 32 + ".png",
+    ]
+    for key in foreign:  # someone else's, and as old as the expired image
+        client.put_object(Bucket="shared-bucket", Key=key, Body=b"keep me")
+    store = S3ImageStore("shared-bucket", "sweep-test/", ttl_seconds=1, client=client)
     store.put(b"old", "png", "")
     time.sleep(2.1)
-    store.put(b"new", "png", "")
+    new = store.put(b"new", "png", "").split("?", 1)[0].rsplit("/", 1)[1]
     store.sweep()
-    keys = [item["Key"] for item in client.list_objects_v2(Bucket="sd35-images", Prefix="sweep-test/")["Contents"]]
-    assert len(keys) == 1
-    assert client.get_object(Bucket="sd35-images", Key=keys[0])["Body"].read() == b"new"
+    keys = {item["Key"] for item in client.list_objects_v2(Bucket="shared-bucket")["Contents"]}
+    assert keys == {*foreign, f"sweep-test/{new}"}
+
+
+@pytest.mark.server
+def test_a_prefix_that_is_the_buckets_root_is_refused_at_start(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, **S3_CREDENTIALS)
+    client.put_object(Bucket="sd35-images", Key="F" * 32 + ".png", Body=b"someone else's")
+    env = {
+        **os.environ,
+        **S3_ENV,
+        "BENTOML_HOME": str(tmp_path),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "IMAGE_STORE": "s3",
+        "IMAGE_STORE_S3_BUCKET": "sd35-images",
+        "IMAGE_STORE_S3_ENDPOINT_URL": s3_endpoint,
+        "IMAGE_TTL_SECONDS": "1",
+        "IMAGE_STORE_S3_PREFIX": "/",
+    }
+    lines = failed_start(env, mentioning="IMAGE_STORE_S3_PREFIX")
+    assert len(lines) == 1 and "must not be the bucket's root" in lines[0], lines
+    assert client.get_object(Bucket="sd35-images", Key="F" * 32 + ".png")["Body"].read() == b"someone else's"
+    with pytest.raises(ValueError, match="IMAGE_STORE_S3_PREFIX"):
+        S3ImageStore("sd35-images", "", ttl_seconds=1, client=client)

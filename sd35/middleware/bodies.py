@@ -167,19 +167,23 @@ class BodySizeLimitMiddleware:
         """The body's chunks as they arrive; raises when it stalls or trickles, the server stops, the client leaves."""
         stop = asyncio.ensure_future(self.stopping.wait())
         get: asyncio.Future[Message] | None = None
-        started = time.monotonic()
+        started = last = time.monotonic()
         received = 0
         try:
             while True:
+                stalled_at = last + self.read_timeout
                 # The whole body is due by this time (never, without a minimum rate).
                 due = started + self.read_timeout + received / self.min_rate if self.min_rate else float("inf")
-                wait = min(self.read_timeout, due - time.monotonic())
                 get = asyncio.ensure_future(receive())
-                done, _ = await asyncio.wait({get, stop}, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {get, stop},
+                    timeout=max(min(stalled_at, due) - time.monotonic(), 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if get not in done:
                     if stop in done:
                         raise ServiceUnavailableError.shutting_down()
-                    if time.monotonic() >= due:
+                    if due < stalled_at:
                         raise self._too_slow(received, time.monotonic() - started)
                     raise BodyReadTimeoutError(
                         f"The request body stopped arriving: nothing was received for {self.read_timeout:g} seconds "
@@ -190,6 +194,7 @@ class BodySizeLimitMiddleware:
                     raise _ClientGone
                 chunk = message.get("body", b"")
                 received += len(chunk)
+                last = time.monotonic()
                 yield chunk
                 if not message.get("more_body", False):
                     return
