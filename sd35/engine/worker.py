@@ -340,7 +340,12 @@ class GenerationEngine:
     def _run_worker(self) -> None:
         while (batch := self._next_batch()) is not None:
             if batch:
-                self._run_batch(batch)
+                # The worker thread's log lines name the requests of the batch it runs.
+                token = REQUEST_ID.set(",".join(job.request_id for job in batch))
+                try:
+                    self._run_batch(batch)
+                finally:
+                    REQUEST_ID.reset(token)
 
     def _stop_reason(self, batch: list[_Job]) -> Callable[[], str | None]:
         def reason() -> str | None:
