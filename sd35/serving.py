@@ -72,6 +72,8 @@ T = TypeVar("T")
 STORE_THREADS = 4
 # Threads decoding uploads: an edit's upload is decoded once, but a 4096² PNG takes a second or more.
 DECODE_THREADS = 2
+# How long a `url` request waits to learn whether the store has room, before its GPU work.
+ROOM_CHECK_SECONDS = 1.0
 
 SEED_BITS = 32
 # Without a mask an edit keeps the input's composition; with one, the masked
@@ -181,10 +183,13 @@ class ImageServing:
             ) from None
 
     async def _check_room(self, deadline: float) -> None:
-        """Refuse a `url` request before any GPU work when the store has no room for its images."""
+        """Refuse a `url` request before any GPU work when the store has no room for its images.
+
+        Only a quick look: a store too slow to tell within a second is left for the store step to report.
+        """
         loop = asyncio.get_running_loop()
-        wait = min(self.settings.image_store_timeout, deadline - loop.time())
-        with contextlib.suppress(TimeoutError):  # a slow store is the store step's to report
+        wait = min(ROOM_CHECK_SECONDS, deadline - loop.time())
+        with contextlib.suppress(TimeoutError):
             if not await asyncio.wait_for(self._in(self._storers, self.store.has_room), wait):
                 raise ImageStoreFullError(
                     f"The image store ({self.store.describe()}) is full of images that have not expired yet "

@@ -31,7 +31,7 @@ BODY = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 1}
 def test_bentomls_own_429_and_504_are_openai_shaped() -> None:
     from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware, TimeoutMiddleware
 
-    from sd35.middleware import adopt_bentoml_traffic_errors
+    from sd35.middleware import EdgeMiddleware, adopt_bentoml_traffic_errors
 
     adopt_bentoml_traffic_errors()
     gate = asyncio.Event()
@@ -44,10 +44,15 @@ def test_bentomls_own_429_and_504_are_openai_shaped() -> None:
         await gate.wait()
         return JSONResponse({})
 
-    timed = TimeoutMiddleware(Starlette(routes=[Route("/v1/x", slow)]), timeout=0.05)
+    timed = EdgeMiddleware(TimeoutMiddleware(Starlette(routes=[Route("/v1/x", slow)]), timeout=0.05))
     with TestClient(timed) as client:
-        error = assert_openai_error(client.get("/v1/x"), 504, "timeout")
+        response = client.get("/v1/x", headers={"x-request-id": "from-the-proxy"})
+        error = assert_openai_error(response, 504, "timeout")
         assert "Not able to process the request" in error["message"]
+        # Ahead of BentoML's layers, the edge stamps their replies too.
+        assert (
+            response.headers["x-request-id"] == "from-the-proxy" and int(response.headers["openai-processing-ms"]) >= 50
+        )
 
     limited = MaxConcurrencyMiddleware(Starlette(routes=[Route("/v1/x", blocked)]), max_concurrency=1)
     with TestClient(limited) as client:

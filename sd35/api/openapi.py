@@ -15,8 +15,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "Missing or wrong API key (`authentication_error`).",
         429: "Too much queued work (`rate_limit_exceeded`); see `Retry-After`.",
         500: "`gpu_out_of_memory`, `generation_failed` or `internal_error`.",
+        502: "A `url` image was made but the image store failed or did not answer (`image_store_failed`).",
         503: "The model is loading or failed to load (`model_not_loaded`).",
         504: "The request outlived REQUEST_TIMEOUT (`timeout`).",
+        507: "The image store is full of images that have not expired (`image_store_full`); use `b64_json`.",
     }.items()
 }
 
