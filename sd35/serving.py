@@ -164,10 +164,7 @@ class ImageServing:
             return await asyncio.wait_for(self._in(self._storers, self.store.put, data, output_format, base_url), wait)
         except StoreFullError as exc:
             logger.warning("refused a url image: %s", exc)
-            raise ImageStoreFullError(
-                f"The image store ({store}) is full of images that have not expired yet (IMAGE_STORE_MAX_BYTES); "
-                "retry later, or ask for response_format=b64_json."
-            ) from None
+            raise self._store_full() from None
         except TimeoutError:
             logger.error("the image store (%s) did not take an image within %.1f s", store, wait)
             raise ImageStoreError(
@@ -191,10 +188,13 @@ class ImageServing:
         wait = min(ROOM_CHECK_SECONDS, deadline - loop.time())
         with contextlib.suppress(TimeoutError):
             if not await asyncio.wait_for(self._in(self._storers, self.store.has_room), wait):
-                raise ImageStoreFullError(
-                    f"The image store ({self.store.describe()}) is full of images that have not expired yet "
-                    "(IMAGE_STORE_MAX_BYTES); retry later, or ask for response_format=b64_json."
-                )
+                raise self._store_full()
+
+    def _store_full(self) -> ImageStoreFullError:
+        return ImageStoreFullError(
+            f"The image store ({self.store.describe()}) is full of images that have not expired yet "
+            "(IMAGE_STORE_MAX_BYTES); retry later, or ask for response_format=b64_json."
+        )
 
     def _defaults(self, seed: int | None, steps: int | None, guidance: float | None) -> dict:
         return {

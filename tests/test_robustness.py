@@ -249,6 +249,8 @@ def test_draining_refuses_new_work_then_interrupts_the_batch_and_refuses_the_que
         ("GET", "/a/random/path/9f8e7d", "/{unmatched}", ()),
         ("GET", "/v1/images/generations", "/{unmatched}", ("POST",)),
         ("PUT", "/v1/images/files/x", "/{unmatched}", ("GET",)),
+        # The mount of the FastAPI app takes no newline (nor does BentoML's router): no route, a JSON 404.
+        ("GET", "/v1/images/files/a\nb.png", "/{unmatched}", ()),
     ],
 )
 def test_requests_are_labelled_by_their_route_template(

@@ -386,6 +386,17 @@ def _store_dir(server: Server) -> Path:
     return server.log.parent / f"images-{port}"
 
 
+def test_the_sdk_gets_urls_a_plain_client_can_fetch(server: Server) -> None:
+    body = {"num_inference_steps": 1}
+    result = _sdk(server).images.generate(prompt="a heron", size="320x256", n=2, response_format="url", extra_body=body)
+    with httpx.Client(timeout=30) as plain:  # no key: the URL is the credential
+        for item in result.data:
+            assert item.url.startswith(f"{server.url}/v1/images/files/") and item.url.endswith(".png")
+            fetched = plain.get(item.url)
+            assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+            assert Image.open(io.BytesIO(fetched.content)).size == (320, 256)
+
+
 def test_the_store_directory_removed_at_run_time_is_made_again(server: Server, http: httpx.Client) -> None:
     store = _store_dir(server)
     assert store.is_dir()

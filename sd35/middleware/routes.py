@@ -44,26 +44,31 @@ class RouteMatch:
 
 @dataclass(frozen=True)
 class _Entry:
-    pattern: re.Pattern[str]
+    # The route's own pattern last, after those of the mounts it sits under (each must match, as the router checks).
+    patterns: tuple[re.Pattern[str], ...]
     template: str
     # None: any method (a mounted app, static files).
     methods: frozenset[str] | None
 
+    def matches(self, path: str) -> bool:
+        return all(pattern.match(path) for pattern in self.patterns)
 
-def _table(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[_Entry]:
+
+def _table(routes: Iterable[BaseRoute], prefix: str = "", mounts: tuple[re.Pattern[str], ...] = ()) -> Iterator[_Entry]:
     """Every route as one entry, mounted apps' routes and FastAPI's included routers flattened, in router order."""
     for context in iter_route_contexts(list(routes)):
         route, path = context.original_route, context.path or ""
         if isinstance(route, Mount):
             mount = prefix + path.rstrip("/")
+            below = compile_path(mount + "/{path:path}")[0]
             if route.routes:  # an app with routes of its own (the FastAPI app BentoML mounts)
-                yield from _table(route.routes, mount)
+                yield from _table(route.routes, mount, (*mounts, below))
             else:  # static files: any path below
-                yield _Entry(compile_path(mount + "/{path:path}")[0], mount + "/{path}", None)
+                yield _Entry((*mounts, below), mount + "/{path}", None)
         elif isinstance(route, Route | APIRoute):
             methods = context.methods
             yield _Entry(
-                compile_path(prefix + path)[0],
+                (*mounts, compile_path(prefix + path)[0]),
                 prefix + (context.path_format or path),
                 None if methods is None else frozenset(methods),
             )
@@ -76,7 +81,7 @@ _TABLES: weakref.WeakKeyDictionary[Any, tuple[_Entry, ...]] = weakref.WeakKeyDic
 def _match(entries: Iterable[_Entry], method: str, path: str) -> RouteMatch:
     allow: set[str] = set()
     for entry in entries:
-        if entry.pattern.match(path):
+        if entry.matches(path):
             if entry.methods is None or method in entry.methods:
                 return RouteMatch(entry.template)
             allow |= entry.methods
