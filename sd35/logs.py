@@ -32,7 +32,7 @@ class _AccessLogFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
+        if isinstance(record.args, tuple) and record.args:  # BentoML's lines: a format and its values
             record.msg = f"{record.msg} (req=%s,key=%s)"
             record.args = (*record.args, REQUEST_ID.get(), KEY_NAME.get())
         return True
