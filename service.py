@@ -11,6 +11,8 @@ import bentoml
 from sd35.api import create_app
 from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
+from sd35.engine.loading import refuse_cpu_fallback
+from sd35.engine.refusal import LoadRefusedError
 from sd35.lifecycle import (
     SHUTDOWN_MARGIN_SECONDS,
     Stopping,
@@ -31,6 +33,10 @@ try:
     settings = load_settings()
 except ConfigError as exc:
     sys.exit(f"sd35: configuration error: {exc}")
+try:  # before anything starts: the real model without a GPU is refused within seconds
+    refuse_cpu_fallback(settings)
+except LoadRefusedError as exc:
+    sys.exit(f"sd35: refusing to start: {exc}")
 configure_logging(settings.log_level)
 adopt_bentoml_traffic_errors()
 bound_graceful_shutdown(settings.shutdown_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
