@@ -33,10 +33,6 @@ try:
     settings = load_settings()
 except ConfigError as exc:
     sys.exit(f"sd35: configuration error: {exc}")
-try:  # before anything starts: the real model without a GPU is refused within seconds
-    refuse_cpu_fallback(settings)
-except LoadRefusedError as exc:
-    sys.exit(f"sd35: refusing to start: {exc}")
 configure_logging(settings.log_level)
 adopt_bentoml_traffic_errors()
 bound_graceful_shutdown(settings.shutdown_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
@@ -78,6 +74,17 @@ class SD35:
         self.serving = ImageServing(settings, self.engine, store)
         app.state.serving = self.serving
         on_termination(self.terminate)
+
+    @bentoml.on_deployment
+    def refuse_without_gpu() -> None:
+        """The real model on a machine without a visible GPU stops `bentoml serve` before any worker starts.
+
+        A hook, not module code: `bentoml build` imports this module too, on build hosts without GPUs.
+        """
+        try:
+            refuse_cpu_fallback(settings)
+        except LoadRefusedError as exc:
+            sys.exit(f"sd35: refusing to start: {exc}")
 
     def terminate(self) -> None:
         stopping.set()
