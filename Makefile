@@ -81,6 +81,11 @@ containerize: build
 container-test: install
 	scripts/container-test.sh
 
+## container-test-cuda: build the CUDA image as users get it (`make containerize`, PyPI's CUDA 13 torch, ~3 GB
+## of wheels) and run it here without a GPU: DEVICE=cpu on the tiny model, and the full-size model refused
+container-test-cuda: install
+	CONTAINER_TESTS=tests/test_container_cuda.py scripts/container-test.sh -s
+
 ## browser: Debian's chromium for the browser tests (root; they are skipped without it)
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
