@@ -22,7 +22,11 @@
 #   - there the baseline is float32 and the quantized modes compute in bf16, and torch 2.11 draws a seed's
 #     bf16 noise differently from its float32 noise (2.13 does not): their "MAD vs baseline" compares unrelated
 #     images there; on the GPU every mode is bf16 and the comparison holds;
-#   - nothing is judged against the targets, and the results go to build/gpu-results/rehearsal.json and .md.
+#   - OMP_WAIT_POLICY=PASSIVE (2 shared cores); nothing is judged against the targets; the results go to
+#     build/gpu-results/rehearsal.json and .md.
+# What only the GPU can show: CUDA memory figures and caps, fp8 and nf4, speed. The first window's length
+# on an H100 is an estimate (~1.5 min to build and save the 27 GB checkpoint, ~1-1.5 min per served
+# scenario, less for the caps); --deadline skips what would not end in time, with the reason.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -44,7 +48,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 started=$(date +%s)
-export PYTHONUNBUFFERED=1
+# No network there: nothing may wait on the Hub or on BentoML's usage tracking.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true
 if [ -n "${OUT:-}" ]; then
     exec > >(tee -a "$OUT/run-$window.log") 2>&1
 fi
