@@ -4,8 +4,8 @@
 # build, ~2.7 GB, the only torch 2.11 for Python 3.12 there is; it runs on a CPU), and the bundle installed by
 # run.sh exactly as it installs it there. bench/gpu/run.sh's header lists what still differs.
 #
-# The pinned wheels are downloaded once into GPU_WHEELHOUSE and the venv is kept while machine.txt is
-# unchanged, so only the first run downloads. Results: build/gpu-results/rehearsal.json and .md.
+# The venv is kept while machine.txt is unchanged, and uv's cache keeps the wheels for a new one: only the
+# first run downloads (~2.7 GB). Results: build/gpu-results/rehearsal.json and .md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,20 +17,20 @@ if [ -z "$python312" ]; then
 fi
 [ -x "$python312" ] || { echo "no Python 3.12: set GPU_PYTHON (pyenv install 3.12)" >&2; exit 1; }
 work="${GPU_REHEARSAL_DIR:-build/gpu-rehearsal}"
-wheels="${GPU_WHEELHOUSE:-$work/wheels}"
 venv="$work/venv"
 stamp="$venv/.sd35-machine"
 want="$("$python312" --version) $(sha256sum bench/gpu/machine.txt | cut -c1-16)"
+# uv (from `make install`) downloads in parallel and keeps what it downloaded in its cache (~/.cache/uv),
+# so a later venv, in this clone or another, installs without the network.
+uv="${UV:-.venv/bin/uv}"
 
 started=$(date +%s)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     rm -rf "$venv"
-    "$python312" -m venv "$venv"
     mapfile -t pins < <(grep -E '^[A-Za-z0-9._-]+==' bench/gpu/machine.txt)
-    mkdir -p "$wheels"
-    # Download (a no-op for wheels already there), then install from the wheelhouse alone.
-    "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --dest "$wheels" "${pins[@]}"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$wheels" "${pins[@]}"
+    # --seed: pip in the venv, which run.sh uses to install the bundle as it does on the GPU machine.
+    "$uv" venv --quiet --seed --python "$python312" "$venv"
+    "$uv" pip install --quiet --python "$venv/bin/python" "${pins[@]}"
     echo "$want" >"$stamp"
     echo "== the machine's packages installed in $venv in $(($(date +%s) - started)) s"
 else

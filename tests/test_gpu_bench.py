@@ -38,8 +38,9 @@ def test_full_size_components_match_the_published_sizes() -> None:
 
 
 def bench_gpu(*args: str, out: Path, timeout: float = 300) -> tuple[subprocess.CompletedProcess[str], dict]:
+    options = ["--device", "cpu", "--out", str(out), "--stem", "results", "--checkpoint", str(out / "checkpoint")]
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", *args, "--device", "cpu", "--out", str(out), "--stem", "results"],
+        [sys.executable, "-m", "bench.gpu", *args, *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,7 +60,8 @@ def test_tiny_quick_run_serves_skips_and_measures_batching(tmp_path: Path) -> No
     assert results["python_version"] and results["torch_version"] == __import__("torch").__version__
     [run] = results["runs"]
     assert run["judged"] is False, "targets are judged only for the full-size model on a GPU"
-    assert run["checkpoint"]["bytes"] > 0
+    assert run["checkpoint"]["bytes"] > 0 and run["checkpoint"]["reused"] is False
+    assert "built in memory" in (tmp_path / "results.md").read_text(), "which way to make the weights is faster"
     found = run["scenarios"]
     assert list(found) == scenarios.split(",")
     assert {name: r["status"] for name, r in found.items()} == {

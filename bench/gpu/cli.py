@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_version": torch.__version__,
         "cuda": torch.version.cuda,
         "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "machine": harness.machine(),
         "runs": report.previous_runs(args.out / f"{stem}.json"),
     }

@@ -129,16 +129,25 @@ def other_lines(run: dict[str, Any]) -> list[str]:
     return lines
 
 
-def checkpoint_line(info: dict[str, Any] | None) -> str:
+def checkpoint_line(info: dict[str, Any] | None, baseline: dict[str, Any] | None = None) -> str:
+    """What the random weights cost, and whether building them in memory would beat loading them from disk."""
     if not info:
         return ""
     size = f"{info['bytes'] / GIB:.1f} GiB"
     if info.get("reused"):
         return f"Random checkpoint ({size}) reused from {info['path']}."
-    return (
+    line = (
         f"Random checkpoint ({size}): built on the device in {info['built_s']:.1f} s, saved to {info['path']} in "
         f"{info['saved_s']:.1f} s; each scenario loads it with load_pipeline (its load s)."
     )
+    if baseline and baseline.get("load_s"):
+        faster = "building in memory" if info["built_s"] < baseline["load_s"] else "loading from disk"
+        line += (
+            f" Per unquantized scenario: built in memory {info['built_s']:.1f} s vs loaded from disk "
+            f"{baseline['load_s']:.1f} s (baseline): {faster} is faster here (quantized modes load through "
+            "diffusers either way)."
+        )
+    return line
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -162,7 +171,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"after an untimed priming round; concurrent: {s['clients']} clients × {s['per_client']} requests. "
             f"Targets judged: {'yes' if run['judged'] else 'no (' + run['not_judged_because'] + ')'}.",
             "",
-            checkpoint_line(run.get("checkpoint")),
+            checkpoint_line(run.get("checkpoint"), run["scenarios"].get("baseline")),
             "",
             components_table(run["components"], run["dtype"]),
             "",
