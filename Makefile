@@ -23,7 +23,8 @@ export HOST PORT
 # Keep BentoML's store and usage tracking out of the user's home.
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install lock serve demo test bench browser checkov lint format build containerize container-test clean
+.PHONY: install lock serve demo test bench browser checkov lint format build containerize container-test \
+	container-test-cuda gpu-lock gpu-bundle gpu-bundle-nf4 gpu-rehearsal clean
 
 install: $(STAMP)
 
@@ -80,6 +81,11 @@ containerize: build
 container-test: install
 	scripts/container-test.sh
 
+## container-test-cuda: build the CUDA image as users get it (`make containerize`, PyPI's CUDA 13 torch, ~3 GB
+## of wheels) and run it here without a GPU: DEVICE=cpu on the tiny model, and the full-size model refused
+container-test-cuda: install
+	CONTAINER_TESTS=tests/test_container_cuda.py scripts/container-test.sh -s
+
 ## browser: Debian's chromium for the browser tests (root; they are skipped without it)
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
@@ -95,6 +101,24 @@ $(CHECKOV_VENV)/bin/checkov:
 ## bench: CPU benchmarks on the tiny model → bench/results/cpu-<date>.md (GPU: see bench/README.md)
 bench: install
 	$(BIN)/python -m bench.cpu
+
+## gpu-lock: re-resolve bench/gpu/bundle.lock, the wheels the lent GPU machine lacks (uv; needs PyPI)
+gpu-lock: install
+	$(BIN)/python -m bench.gpu.bundle lock
+
+## gpu-bundle: those wheels (cp312, ≤ 56 MiB) into build/gpu-bundle/, to carry to the GPU machine for bench/gpu/run.sh
+gpu-bundle: install
+	$(BIN)/python -m bench.gpu.bundle download build/gpu-bundle
+
+## gpu-bundle-nf4: bitsandbytes alone (41 MiB) into build/gpu-bundle-nf4/, for `run.sh --window nf4` on a machine
+## that already installed build/gpu-bundle (both together exceed what one call may carry)
+gpu-bundle-nf4: install
+	$(BIN)/python -m bench.gpu.bundle download build/gpu-bundle-nf4 --only bitsandbytes --budget-mib 60
+
+## gpu-rehearsal: bench/gpu/run.sh, every window, here on the CPU at reduced size in a Python 3.12 venv holding the
+## GPU machine's versions → build/gpu-results/rehearsal.json (first run: ~2.7 GB of torch wheels, then cached)
+gpu-rehearsal: gpu-bundle
+	scripts/gpu-rehearsal.sh
 
 lint: install
 	$(BIN)/ruff check .

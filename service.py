@@ -11,6 +11,8 @@ import bentoml
 from sd35.api import create_app
 from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
+from sd35.engine.loading import refuse_cpu_fallback
+from sd35.engine.refusal import LoadRefusedError
 from sd35.lifecycle import (
     SHUTDOWN_MARGIN_SECONDS,
     Stopping,
@@ -74,6 +76,17 @@ class SD35:
         self.serving = ImageServing(settings, self.engine, store)
         app.state.serving = self.serving
         on_termination(self.terminate)
+
+    @bentoml.on_deployment
+    def refuse_without_gpu() -> None:
+        """The real model on a machine without a visible GPU stops `bentoml serve` before any worker starts.
+
+        A hook, not module code: `bentoml build` imports this module too, on build hosts without GPUs.
+        """
+        try:
+            refuse_cpu_fallback(settings)
+        except LoadRefusedError as exc:
+            sys.exit(f"sd35: refusing to start: {exc}")
 
     def terminate(self) -> None:
         stopping.set()

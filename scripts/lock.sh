@@ -6,6 +6,8 @@
 #   requirements-dev.lock    the same versions plus the test tools (`make install`)
 #   requirements-torch.lock  torch from PyPI (the CUDA 13 build) with the CUDA
 #                            libraries it pulls in, with hashes: the image's torch
+#   bench/gpu/bundle.lock    what the lent GPU machine lacks of the runtime lock,
+#                            for Python 3.12 (`make gpu-bundle` downloads it)
 #
 # torch itself is left out of the first two because its builds differ: the CPU
 # build, PyPI's CUDA 13 build and PyTorch's CUDA 12 builds have different hashes
@@ -39,3 +41,5 @@ fi
     -c requirements.lock -o requirements-dev.lock
 grep -E '^torch==' requirements.txt | "$uv" pip compile - "${common[@]}" -c requirements.lock \
     -o requirements-torch.lock
+# The wheels the lent GPU machine lacks follow the runtime lock (bench/gpu/bundle.py).
+"${PYTHON:-python3}" -m bench.gpu.bundle lock

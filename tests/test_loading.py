@@ -1,18 +1,26 @@
-"""Model loading: probes answer while loading, failures become a reason users can act on."""
+"""Model loading: probes answer while loading, failures become a reason users can act on, the real model is
+not served on a CPU by accident, and the engine's modules import each other without a circle."""
 
 from __future__ import annotations
 
+import ast
+import os
 import threading
+import time
 from pathlib import Path
 
 import httpx2
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+import sd35.engine
 import sd35.engine.loading
 from sd35.config import Settings
 from sd35.engine.loading import describe_load_error
+from sd35.engine.memory import GIB
+from sd35.engine.refusal import LoadRefusedError
 from tests.conftest import assert_openai_error, service_client
+from tests.server import failed_start
 
 GEN = "/v1/images/generations"
 BODY = {"prompt": "a", "size": "256x256", "num_inference_steps": 1}
@@ -113,3 +121,97 @@ def test_unknown_repo_reason_names_model_id() -> None:
 def test_cuda_requested_without_gpu_is_explained(tiny_model_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         sd35.engine.loading.load_pipeline(Settings(model_id=str(tiny_model_dir), device="cuda"))
+
+
+# --- the engine's imports ----------------------------------------------------------
+
+
+def _engine_imports() -> dict[str, set[str]]:
+    """Which sd35.engine modules each one imports, at the top or inside a function."""
+    package = Path(sd35.engine.__file__).parent
+    modules = {f"sd35.engine.{path.stem}": path for path in package.glob("*.py") if path.stem != "__init__"}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = (found & modules.keys()) - {name}
+    return graph
+
+
+def test_the_engine_modules_import_each_other_without_a_circle() -> None:
+    graph = _engine_imports()
+    assert "sd35.engine.adapters" in graph["sd35.engine.loading"], "the graph sees imports inside functions"
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
+
+    circles = sorted(f"{a} -> {b}" for a in graph for b in graph[a] if reaches(b, a, {b}))
+    assert circles == []
+
+
+# --- the real model without a GPU ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_size_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD3.5 Large as a diffusers directory of sparse safetensors files: the real names and shapes, no data."""
+    from bench.gpu.arch import DEFAULT_ARCH, load_arch, write_sparse_checkpoint
+
+    directory = tmp_path_factory.mktemp("sd35-large-sparse")
+    weights = write_sparse_checkpoint(load_arch(DEFAULT_ARCH), directory)
+    assert weights > 25 * GIB
+    return directory
+
+
+def test_the_sparse_checkpoint_says_full_size_and_occupies_almost_nothing(full_size_model: Path) -> None:
+    files = list(full_size_model.rglob("*.safetensors"))
+    assert {path.parent.name for path in files} == {
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+    }
+    assert sd35.engine.loading.weight_bytes_on_disk(str(full_size_model)) > 25 * GIB
+    assert sum(path.stat().st_blocks * 512 for path in files) < 8 << 20
+    from safetensors import safe_open
+
+    with safe_open(full_size_model / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert weights.get_slice("pos_embed.proj.weight").get_shape() == [2432, 16, 2, 2]
+
+
+def test_the_real_model_on_auto_without_a_gpu_refuses_to_start(full_size_model: Path, tmp_path: Path) -> None:
+    env = {
+        **{key: value for key, value in os.environ.items() if key != "DEVICE"},
+        "MODEL_ID": str(full_size_model),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    started = time.monotonic()
+    [line] = failed_start(env, mentioning="--gpus all")
+    assert time.monotonic() - started < 60, "refused before anything loads"
+    assert line.startswith(f"sd35: refusing to start: no CUDA GPU is visible and MODEL_ID={full_size_model} holds")
+    assert "DEVICE=cpu" in line
+
+
+def test_the_refusal_names_the_way_out_and_spares_what_may_run_on_a_cpu(
+    full_size_model: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    refuse = sd35.engine.loading.refuse_cpu_fallback
+    with pytest.raises(LoadRefusedError, match=r"holds 2\d\.\d GiB of weights.*--gpus all.*DEVICE=cpu") as raised:
+        refuse(Settings(model_id=str(full_size_model)))
+    assert describe_load_error(raised.value, Settings(model_id=str(full_size_model))) == str(raised.value)
+    refuse(Settings(model_id=str(full_size_model), device="cpu"))  # asked for: allowed
+    refuse(Settings(model_id=str(tiny_model_dir)))  # small: fine on a CPU
+    # A Hub id not downloaded yet: the SD3.5 checkpoints are known to be large, others are unknown.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(LoadRefusedError, match="is a full-size model"):
+        refuse(Settings())
+    refuse(Settings(model_id="someone/small-sd3"))
+    # The engine's own loader refuses too (the benchmark and tests call it without service.py).
+    with pytest.raises(LoadRefusedError):
+        sd35.engine.loading.load_pipeline(Settings(model_id=str(full_size_model)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.gpu import DEFAULT_ARCH, build_random_pipeline, load_arch
+from bench.gpu.arch import DEFAULT_ARCH, build_random_pipeline, load_arch
 from sd35.config import MEMORY_MODES, ConfigError, Settings, load_settings
 from sd35.engine import GenerationEngine, GenerationParams
 from sd35.engine.calls import PipelineRunner

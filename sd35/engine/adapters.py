@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd35.config import AdapterSpec, Settings
-from sd35.engine.loading import LoadRefusedError
+from sd35.engine.refusal import LoadRefusedError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35.config import DEFAULT_MODEL_ID, Settings
-from sd35.engine.memory import GIB, MemoryModeError
+from sd35.engine.memory import GIB
+from sd35.engine.refusal import LoadRefusedError
 
 if TYPE_CHECKING:
     from sd35.engine.memory import MemoryPlan
@@ -33,6 +34,58 @@ def looks_like_path(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).exists()
 
 
+# Above this much weight a model is not one to serve on a CPU by accident: SD3.5
+# Large holds ~27 GiB and would take many minutes per image there. The tiny
+# test model holds a few MB.
+CPU_FALLBACK_LIMIT_BYTES = 4 * GIB
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+# Hub checkpoints known to be far above the limit, for when they are not yet in the cache.
+LARGE_HUB_PREFIXES = ("stabilityai/stable-diffusion-3.5-", "stabilityai/stable-diffusion-3-")
+
+
+def weight_bytes_on_disk(model_id: str) -> int | None:
+    """Bytes of ``model_id``'s weight files as stored: a local directory, or its snapshot in the Hugging Face
+    cache; None when it is neither (a Hub model not downloaded yet). Reads only the files' sizes."""
+    if looks_like_path(model_id):
+        root: Path | None = Path(model_id).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_id, "model_index.json")
+        root = Path(cached).parent if isinstance(cached, str) else None
+    if root is None or not root.is_dir():
+        return None
+    # The Hub cache links snapshot files to blobs: stat follows the links.
+    return sum(path.stat().st_size for path in root.rglob("*") if path.suffix in WEIGHT_SUFFIXES and path.is_file())
+
+
+def refuse_cpu_fallback(settings: Settings) -> None:
+    """Refuse ``DEVICE=auto`` on a machine without a visible GPU when the model is too large for a CPU.
+
+    Such a start is nearly always a container run without ``--gpus all``:
+    serving would load ~30 GB into RAM and take many minutes per image, or die
+    of memory. The check reads only file sizes (and imports torch only when
+    the model is large), so the refusal comes within seconds of the start.
+    """
+    if settings.device != "auto":
+        return
+    size = weight_bytes_on_disk(settings.model_id)
+    if size is None and not settings.model_id.lower().startswith(LARGE_HUB_PREFIXES):
+        return  # a Hub model not in the cache: its size is unknown until it downloads
+    if size is not None and size <= CPU_FALLBACK_LIMIT_BYTES:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    held = f"holds {size / GIB:.1f} GiB of weights" if size is not None else "is a full-size model (tens of GB)"
+    raise LoadRefusedError(
+        f"no CUDA GPU is visible and MODEL_ID={settings.model_id} {held}: on a CPU it would take many minutes "
+        "per image. Give the container the GPU (docker run --gpus all ...; on Kubernetes a nvidia.com/gpu "
+        "limit), or set DEVICE=cpu to run it on the CPU anyway"
+    )
+
+
 def describe_load_error(exc: BaseException, settings: Settings) -> str:
     """A cause a user can act on, from whatever loading raised."""
     from huggingface_hub.errors import (
@@ -52,7 +105,7 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
     def caused_by(*kinds: type[BaseException]) -> bool:
         return any(isinstance(e, kinds) for e in chain)
 
-    if isinstance(exc, LoadRefusedError | MemoryModeError):
+    if isinstance(exc, LoadRefusedError):  # MemoryModeError and AdapterError too
         return str(exc)
     if looks_like_path(model):
         path = Path(model).expanduser()
@@ -84,10 +137,6 @@ def describe_load_error(exc: BaseException, settings: Settings) -> str:
     return f"could not load {model}: {type(exc).__name__}: {exc}"
 
 
-class LoadRefusedError(RuntimeError):
-    """The configuration cannot work on this machine; the message says why and what to do."""
-
-
 def resolve_memory(settings: Settings, device: str) -> tuple[Settings, MemoryPlan]:
     """``settings`` with ``MEMORY_MODE`` resolved for ``device`` (never ``auto``) and the batch capped to what fits."""
     from sd35.engine.memory import plan_memory
@@ -111,6 +160,7 @@ def load_pipeline(settings: Settings, worker_index: int = 1) -> tuple[Any, str]:
     from sd35.engine import adapters
     from sd35.engine.memory import MODES, component_bytes, quantization_config
 
+    refuse_cpu_fallback(settings)
     device = resolve_device(settings.device, worker_index)
     if settings.memory_mode == "auto":
         settings, _ = resolve_memory(settings, device)

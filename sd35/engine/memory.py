@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sd35.engine.refusal import LoadRefusedError
+
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
@@ -98,7 +100,7 @@ FIXED_WORKING_BYTES = GIB + GIB // 2
 PLANNED_PIXELS = 1024 * 1024
 
 
-class MemoryModeError(RuntimeError):
+class MemoryModeError(LoadRefusedError):
     """A memory mode cannot work on this machine; the message says why and what would."""
 
 
@@ -332,6 +334,23 @@ def shape_of_checkpoint(model_id: str, token: str | None = None, drop: Iterable[
     return _shape(components, configs["transformer"], configs["vae"], clip_tokens=77)
 
 
+def free_gpu_bytes(device: str) -> int:
+    """GPU memory this process can still take: the driver's free memory, within the process's own cap.
+
+    ``torch.cuda.set_per_process_memory_fraction`` caps what PyTorch's
+    allocator may reserve (a GPU shared with other work, or the benchmark's
+    simulated smaller cards); the driver's free memory does not show that cap.
+    """
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    # torch.cuda.get_per_process_memory_fraction is recent (absent before 2.8).
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _device: 1.0)(device)
+    if fraction < 1.0:
+        free = min(free, int(total * fraction) - torch.cuda.memory_reserved(device))
+    return max(free, 0)
+
+
 def plan_memory(settings: Any, device: str) -> MemoryPlan:
     """Resolve ``MEMORY_MODE`` for this worker's device; log what was chosen and why in one line."""
     requested = settings.memory_mode
@@ -349,8 +368,7 @@ def plan_memory(settings: Any, device: str) -> MemoryPlan:
             check_device(MODES[requested], device, capability, name)
         drop = (T5,) if requested in ("no_t5", "nf4_no_t5") else ()
         shape = shape_of_checkpoint(settings.model_id, settings.hf_token, drop)
-        free, _ = torch.cuda.mem_get_info(device)
-        plan = fit(requested, shape, free, settings.max_batch_images, device)
+        plan = fit(requested, shape, free_gpu_bytes(device), settings.max_batch_images, device)
         check_device(plan.mode, device, capability, name)
     logger.info("memory: MEMORY_MODE=%s → %s on %s: %s", requested, plan.mode.name, device, plan.reason)
     for note in plan.notes:

@@ -1,0 +1,5 @@
+"""``python -m bench.gpu``: see :mod:`bench.gpu`."""
+
+from bench.gpu.cli import main
+
+raise SystemExit(main())
