@@ -8,6 +8,9 @@ from contextvars import ContextVar
 
 # Set per request by sd35.middleware.RequestIdMiddleware; "-" outside requests.
 REQUEST_ID: ContextVar[str] = ContextVar("sd35_request_id", default="-")
+# The name of the caller's API key, set by the auth middleware; "-" when auth is
+# off or the route is public. Never the key itself.
+KEY_NAME: ContextVar[str] = ContextVar("sd35_key_name", default="-")
 
 _FORMAT = "%(asctime)s [%(levelname)s] [sd35] [req=%(request_id)s] %(message)s"
 

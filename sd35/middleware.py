@@ -2,7 +2,8 @@
 
 BentoML answers paths that the mounted FastAPI app has no route for with its
 own plain-text 404 before the app sees them; :class:`OpenAIErrorMiddleware`
-turns such replies on ``/v1`` into OpenAI's error shape. Bodies are read
+turns such replies on ``/v1`` into OpenAI's error shape (on ``/sdapi``, into
+AUTOMATIC1111's). Bodies are read
 within limits (size, time, memory across requests) before anything parses them.
 """
 
@@ -34,6 +35,7 @@ from sd35.errors import (
     ValidationError,
     error_bytes,
     error_payload,
+    surface_of,
 )
 from sd35.lifecycle import Stopping
 from sd35.logs import REQUEST_ID
@@ -53,11 +55,14 @@ _BY_STATUS: dict[int, type[APIError]] = {
 }
 
 
-def _is_openai_error(body: bytes) -> bool:
+def _is_shaped_error(body: bytes, path: str) -> bool:
+    """Whether an error body already has the shape of the path's API."""
     try:
         parsed = json.loads(body)
     except ValueError:
         return False
+    if surface_of(path) == "a1111":
+        return isinstance(parsed, dict) and "detail" in parsed
     return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
 
 
@@ -71,15 +76,16 @@ def _replacement(status: int, method: str, path: str) -> APIError:
 
 
 class OpenAIErrorMiddleware:
-    """Rewrites any error reply on ``/v1`` that is not already in OpenAI's shape."""
+    """Rewrites any error reply on ``/v1`` (and ``/sdapi``) that is not already in its API's shape."""
 
-    def __init__(self, app: ASGIApp, prefix: str = "/v1") -> None:
+    def __init__(self, app: ASGIApp, prefixes: tuple[str, ...] = ("/v1", "/sdapi")) -> None:
         self.app = app
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == self.prefix or path.startswith(self.prefix + "/")):
+        covered = any(path == prefix or path.startswith(prefix + "/") for prefix in self.prefixes)
+        if scope["type"] != "http" or not covered:
             await self.app(scope, receive, send)
             return
         held: Message | None = None
@@ -99,11 +105,11 @@ class OpenAIErrorMiddleware:
             if message.get("more_body", False):
                 return
             body = b"".join(chunks)
-            if _is_openai_error(body):
+            if _is_shaped_error(body, path):
                 await send(held)
                 await send({"type": "http.response.body", "body": body})
                 return
-            status, content, headers = error_bytes(_replacement(held["status"], scope["method"], path))
+            status, content, headers = error_bytes(_replacement(held["status"], scope["method"], path), path)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content})
 
@@ -137,8 +143,8 @@ class _ClientGone(Exception):  # noqa: N818 - a control-flow signal, not an erro
     """The client closed the connection before its body was complete."""
 
 
-async def _answer(send: Send, exc: APIError, *, close: bool) -> None:
-    status, content, headers = error_bytes(exc)
+async def _answer(send: Send, exc: APIError, *, close: bool, path: str = "") -> None:
+    status, content, headers = error_bytes(exc, path)
     if close:
         # The rest of the body is not worth reading: h11 closes the connection after this reply.
         headers.append((b"connection", b"close"))
@@ -194,7 +200,7 @@ class BodySizeLimitMiddleware:
         header = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
         declared = int(header) if header.isdigit() else 0
         if declared > limit:
-            await _answer(send, too_large, close=True)
+            await _answer(send, too_large, close=True, path=scope["path"])
             return
         reserved = 0
         try:
@@ -220,7 +226,7 @@ class BodySizeLimitMiddleware:
                 )
                 return
             except APIError as refusal:
-                await _answer(send, refusal, close=True)
+                await _answer(send, refusal, close=True, path=scope["path"])
                 return
             # One copy of the body from here on: the app's (what is reserved).
             whole = b"".join(chunks)
