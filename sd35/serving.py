@@ -14,8 +14,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -47,6 +48,7 @@ from sd35.protocol import (
 from sd35.storage import ImageStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SEED_BITS = 32
 # Without a mask an edit keeps the input's composition; with one, the masked
@@ -282,6 +284,10 @@ class ImageServing:
                 ModelCard(id=adapter.name, created=self.created, owned_by="sd35", root=adapter.location, parent=base)
             )
         return ModelList(data=cards)
+
+    async def offload(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on the encoding pool: CPU work (decoding, encoding) kept off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._encoders, work, *args)
 
     def close(self) -> None:
         self._encoders.shutdown(wait=False, cancel_futures=True)
