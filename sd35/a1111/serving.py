@@ -2,7 +2,9 @@
 
 A txt2img or img2img request becomes ``n_iter`` engine jobs of ``batch_size``
 images (image i of the request has seed + i, as in AUTOMATIC1111), queued like
-any OpenAI request and batched with them. What AUTOMATIC1111 keeps as global
+any OpenAI request and batched with them. The iterations run one after another,
+as in AUTOMATIC1111: ``skip`` ends the current one and the next one starts, and
+other callers' work is not held up behind a long request. What AUTOMATIC1111 keeps as global
 state is kept per API key here, so that callers sharing the server do not see
 or stop each other's work: the ``sd_model_checkpoint`` option, and the running
 requests that ``progress`` reports and ``interrupt`` / ``skip`` end. With
@@ -38,6 +40,8 @@ from sd35.a1111.protocol import (
     Txt2ImgRequest,
     UpscalerItem,
 )
+from sd35.engine import GenerationParams
+from sd35.engine.worker import JobProgress
 from sd35.imaging import b64encode, encode_image
 from sd35.logs import KEY_NAME
 from sd35.serving import ImageServing
@@ -66,11 +70,17 @@ class _Run:
 
     kind: str
     timestamp: str
+    planned: list[GenerationParams]
+    # The engine jobs of the iterations submitted so far (one at a time).
     jobs: list[Any] = field(default_factory=list)
     # Jobs that interrupt dropped from the queue before they ran: answered with no images.
     dropped: set[int] = field(default_factory=set)
     interrupted: bool = False
     skipped: bool = False
+
+    def unrun(self) -> int:
+        """Iterations that an interrupt kept from ever being submitted."""
+        return len(self.planned) - len(self.jobs) if self.interrupted else 0
 
 
 class A1111Serving:
@@ -153,11 +163,11 @@ class A1111Serving:
             plan = await self.serving.offload(translate.plan_img2img, self.settings, request, checkpoint)
         else:
             plan = translate.plan(self.settings, request, checkpoint)
-        run = _Run(plan.kind, time.strftime("%Y%m%d%H%M%S"))
+        run = _Run(plan.kind, time.strftime("%Y%m%d%H%M%S"), plan.jobs)
         key = KEY_NAME.get()
         self._runs.setdefault(key, []).append(run)
         try:
-            results = await self._run(run, plan.jobs)
+            results = await self._run(run)
         finally:
             runs = self._runs[key]
             runs.remove(run)
@@ -174,15 +184,19 @@ class A1111Serving:
             encoded = list(await asyncio.gather(*(self.serving.offload(_png_b64, pixels) for pixels in images)))
         return images_body(encoded, translate.parameters(request), translate.info(plan, seeds, run.timestamp))
 
-    async def _run(self, run: _Run, jobs: list[Any]) -> list[list[np.ndarray]]:
-        """Queue every job, then wait for each (a dropped one gives no images); giving up drops them all."""
+    async def _run(self, run: _Run) -> list[list[np.ndarray]]:
+        """The iterations' images, queued one after another (one dropped or never run gives none);
+        giving up (timeout, queue full, client gone) drops the rest."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout
         results: list[list[np.ndarray]] = []
         try:
-            for params in jobs:
-                run.jobs.append(self.engine.submit(params))
-            for job in run.jobs:
+            for params in run.planned:
+                if run.interrupted:
+                    results.append([])
+                    continue
+                job = self.engine.submit(params)
+                run.jobs.append(job)
                 try:
                     results.append(await self.engine.result(job, max(deadline - loop.time(), 0.001)))
                 except asyncio.CancelledError:
@@ -207,8 +221,9 @@ class A1111Serving:
             progress = self.engine.progress(job)
             if progress.steps_done < progress.steps_total:
                 notes.append(f"after {progress.steps_done} of {progress.steps_total} steps")
-        if run.dropped:
-            notes.append(f"{len(run.dropped)} queued iteration{'s' if len(run.dropped) > 1 else ''} not run")
+        unrun = len(run.dropped) + run.unrun()
+        if unrun:
+            notes.append(f"{unrun} iteration{'s' if unrun > 1 else ''} not run")
         if notes:
             plan.extra["Interrupted" if run.interrupted else "Skipped"] = "; ".join(notes)
 
@@ -217,7 +232,7 @@ class A1111Serving:
     def progress(self) -> ProgressResponse:
         """The caller's requests: the running job's denoising steps, and every job not yet answered."""
         runs = self._runs.get(KEY_NAME.get(), [])
-        states = [self.engine.progress(job) for run in runs for job in run.jobs]
+        states = [state for run in runs for state in self._states(run)]
         if not states:
             idle = ProgressState(
                 skipped=False,
@@ -256,8 +271,16 @@ class A1111Serving:
         )
         return ProgressResponse(progress=min(fraction, 1.0), eta_relative=round(eta, 3), state=state)
 
+    def _states(self, run: _Run) -> list[JobProgress]:
+        """Each iteration's progress: submitted ones from the engine, later ones as queued."""
+        states = [self.engine.progress(job) for job in run.jobs]
+        if not run.interrupted:
+            later = run.planned[len(run.jobs) :]
+            states += [JobProgress("queued", 0, p.denoising_steps(), 0.0, p.num_images) for p in later]
+        return states
+
     def interrupt(self) -> None:
-        """End the caller's requests: running jobs at their next step with what was made, queued ones unrun."""
+        """End the caller's requests: running jobs at their next step with what was made, the rest unrun."""
         for run in self._runs.get(KEY_NAME.get(), []):
             run.interrupted = True
             for job in run.jobs:

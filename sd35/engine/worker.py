@@ -386,6 +386,11 @@ class GenerationEngine:
         return JobProgress("running", job.steps_done, total, elapsed, images)
 
     @property
+    def queued_images(self) -> int:
+        """Images waiting in the queue (not yet in a running batch)."""
+        return self._queued_images
+
+    @property
     def seconds_per_image(self) -> float:
         """Recent GPU seconds per image (for estimates; 1 before anything ran)."""
         return self.runner.seconds_per_image if self.runner is not None else 1.0
