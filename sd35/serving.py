@@ -285,6 +285,10 @@ class ImageServing:
             )
         return ModelList(data=cards)
 
+    def submit(self, params: GenerationParams) -> Any:
+        """Queue engine work made by another surface (AUTOMATIC1111's), as this layer queues its own."""
+        return self.engine.submit(params)
+
     async def offload(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the encoding pool: CPU work (decoding, encoding) kept off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._encoders, work, *args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -444,6 +445,8 @@ class SteppedPipeline:
         self.arrived: queue.Queue[int] = queue.Queue()
         self.permits = threading.Semaphore(0)
         self.holding = False
+        # Only calls with this prompt in them are held (None: every call).
+        self.only: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
@@ -451,17 +454,19 @@ class SteppedPipeline:
     def __call__(self, **kwargs: Any) -> Any:
         self.calls.append(list(kwargs["prompt"]))
         callback = kwargs["callback_on_step_end"]
+        chosen = self.only is None or self.only in kwargs["prompt"]
 
         def held(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if self.holding:
+            if self.holding and chosen:
                 self.arrived.put(step + 1)  # step + 1 is computed; the engine has not seen it yet
                 assert self.permits.acquire(timeout=60)
             return callback(pipe, step, timestep, tensors)
 
         return self.pipe(**{**kwargs, "callback_on_step_end": held})
 
-    def hold(self) -> None:
+    def hold(self, only: str | None = None) -> None:
         self.permits = threading.Semaphore(0)
+        self.only = only
         self.holding = True
 
     def step(self) -> int:
@@ -566,3 +571,46 @@ def test_openai_and_a1111_requests_arriving_together_share_a_batch(
     batched = pixels(responses[2].json()["images"][0])
     alone, _, _ = txt2img(client, prompt="from a1111", seed=32)
     assert np.abs(batched - alone[0]).max() <= 1, "batched with an OpenAI request, still its own image"
+
+
+def test_a_job_ended_early_is_answered_at_its_next_step_while_its_batch_neighbour_finishes(
+    tiny_model_dir: Path,
+) -> None:
+    """The engine side of interrupt and skip, with no HTTP: one job of a batch ends, the other does not notice."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.test_engine import _hold_worker, params, running_engine
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    stepped = SteppedPipeline(pipe)
+
+    async def scenario(engine: Any) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
+        blocker = await _hold_worker(engine)
+        early = engine.submit(params(1, "ended early", steps=4))
+        late = engine.submit(params(2, "goes on", steps=4))
+        queued = engine.submit(params(3, "never runs", size=128))
+        stepped.hold(only="ended early")
+        engine.pipeline.gate.set()
+        await blocker
+        assert await asyncio.to_thread(stepped.arrived.get, True, 60) == 1
+        assert engine.progress(early).state == "running" and engine.progress(queued).state == "queued"
+        assert engine.end_early(queued) is True, "a queued job is dropped"
+        assert engine.queued_images == 0, "and its place in the queue is free"
+        assert engine.end_early(early) is False, "a running one ends at its next step"
+        stepped.release()
+        with pytest.raises(asyncio.CancelledError):
+            await engine.result(queued)
+        return early, await engine.result(early), await engine.result(late)
+
+    with running_engine(stepped) as engine:
+        early, ended, finished = asyncio.run(scenario(engine))
+        progress = engine.progress(early)
+        assert (progress.state, progress.steps_done, progress.steps_total) == ("done", 1, 4)
+        assert list(engine.batch_sizes)[-1] == 2 and list(engine.steps_run)[-1] == 4, "the call ran to its end"
+        alone = asyncio.run(engine.generate(params(2, "goes on", steps=4)))
+        ended_alone = asyncio.run(engine.generate(params(1, "ended early", steps=4)))
+    assert len(ended) == 1 and len(finished) == 1
+    assert np.abs(finished[0].astype(int) - alone[0]).max() <= 1, "the neighbour's image is the one it gets alone"
+    assert np.abs(ended[0].astype(int) - ended_alone[0]).mean() > 1, "the ended job got its image after 1 step"

@@ -195,7 +195,7 @@ class A1111Serving:
                 if run.interrupted:
                     results.append([])
                     continue
-                job = self.engine.submit(params)
+                job = self.serving.submit(params)
                 run.jobs.append(job)
                 try:
                     results.append(await self.engine.result(job, max(deadline - loop.time(), 0.001)))
