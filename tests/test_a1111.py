@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +175,10 @@ def test_openapi_documents_the_a1111_routes_with_their_422_and_basic_auth(client
     assert operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/A1111Error")
     assert {"basicAuth": []} in operation["security"]
     assert "422" not in schema["paths"][GEN]["post"]["responses"]
+    # Every reference resolves (ReDoc refuses to render a document with a dangling one).
+    text = json.dumps(schema)
+    for name in set(re.findall(r'"#/components/schemas/([^"]+)"', text)):
+        assert name in schema["components"]["schemas"], name
 
 
 # --- txt2img ----------------------------------------------------------------------

@@ -128,7 +128,7 @@ async def refresh_checkpoints() -> None:
     """Nothing to rescan: the model and the adapters are fixed when the server starts."""
 
 
-@router.get("/progress", response_model=ProgressResponse, responses=AUTH_ONLY)
+@router.get("/progress", response_model=ProgressResponse, responses={**AUTH_ONLY, 422: ERRORS[422]})
 async def progress(a1111: A1111, skip_current_image: bool = False) -> ProgressResponse:
     """Your txt2img / img2img requests (per API key): the running job's steps, the jobs not yet answered."""
     return a1111.progress()
