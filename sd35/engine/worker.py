@@ -479,9 +479,8 @@ class GenerationEngine:
         images: list[np.ndarray] = []
         try:
             for seed in job.params.seeds():
+                # Answered early, the job gets the images made so far, and the call stops (CallInterrupted).
                 images += self._call([job], [replace(job.params, num_images=1, seed=seed)], images)[0]
-                if job.future.done():  # answered early, with the images made so far
-                    return
         except CallInterrupted as stop:
             self._interrupted([job], stop)
             return
