@@ -125,7 +125,8 @@ SD35.add_asgi_middleware(
     BodySizeLimitMiddleware,
     max_body_bytes=settings.max_body_bytes,
     max_upload_bytes=settings.max_upload_bytes,
-    upload_paths=("/v1/images/edits", "/v1/images/variations"),
+    # AUTOMATIC1111 sends its input images base64 inside the JSON body of img2img.
+    upload_paths=("/v1/images/edits", "/v1/images/variations", "/sdapi/v1/img2img"),
     read_timeout=settings.body_read_timeout,
     min_rate=settings.body_min_rate,
     budget=BufferBudget(settings.max_buffered_bytes),

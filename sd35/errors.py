@@ -1,15 +1,17 @@
-"""Domain exceptions and the one mapping from an exception to an OpenAI error body.
+"""Domain exceptions and the one mapping from an exception to an error body.
 
 Every error the service returns, from any layer (routes, ASGI middleware, the
-engine), goes through :func:`error_payload`, so clients always see OpenAI's
-shape: ``{"error": {"message", "type", "param", "code"}}``.
+engine), goes through :func:`error_payload`, so clients always see the shape
+of the API they speak (:func:`surface_of` the path): OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` everywhere, except under
+``/sdapi`` (AUTOMATIC1111's API), where it is FastAPI's ``{"detail": "..."}``
+with validation errors as 422, as AUTOMATIC1111 answers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from sd35 import metrics
@@ -168,36 +170,36 @@ class RequestTimeoutError(APIError):
     code = "timeout"
 
 
-def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+Surface = Literal["openai", "a1111"]
+A1111_PREFIX = "/sdapi"
+
+
+def surface_of(path: str) -> Surface:
+    """The API a request path belongs to, which decides the shape of its errors."""
+    return "a1111" if path == A1111_PREFIX or path.startswith(A1111_PREFIX + "/") else "openai"
+
+
+def error_payload(exc: BaseException, surface: Surface = "openai") -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, JSON body and headers for any exception; unknown ones become a bare 500."""
     if not isinstance(exc, APIError):
         # Log the details for the operator; the client gets no traceback or path.
         logger.error("unexpected error", exc_info=exc)
         exc = InternalError("The server had an unexpected error while processing the request.")
     metrics.ERRORS.labels(exc.code or "invalid_url").inc()
-    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    status = exc.status
+    body: dict[str, Any]
+    if surface == "a1111":
+        body = {"detail": exc.message}
+        if isinstance(exc, ValidationError):
+            status = 422
+    else:
+        body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
     headers = {"x-should-retry": "true" if exc.retryable else "false"}
     if exc.retry_after is not None:
         headers["retry-after"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, MethodNotAllowedError) and exc.allow:
         headers["allow"] = ", ".join(exc.allow)
-    return exc.status, body, headers
-
-
-Surface = Literal["openai"]
-_PAYLOADS: dict[Surface, Callable[[BaseException], tuple[int, dict[str, Any], dict[str, str]]]] = {
-    "openai": error_payload
-}
-
-
-def surface_of(path: str) -> Surface:
-    """Which API a path belongs to, and so which error shape its clients parse.
-
-    Every path speaks OpenAI's shape today (probes and docs too, so that a
-    mistyped base URL still gets a readable error); another surface with its
-    own shape adds its prefix here.
-    """
-    return "openai"
+    return status, body, headers
 
 
 def error_bytes(exc: BaseException, path: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -205,7 +207,7 @@ def error_bytes(exc: BaseException, path: str = "") -> tuple[int, bytes, list[tu
 
     ``path`` picks the shape (:func:`surface_of`).
     """
-    status, body, headers = _PAYLOADS[surface_of(path)](exc)
+    status, body, headers = error_payload(exc, surface_of(path))
     content = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
     raw_headers += [(name.encode(), value.encode()) for name, value in headers.items()]

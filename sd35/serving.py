@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -399,6 +399,14 @@ class ImageServing:
                 ModelCard(id=adapter.name, created=self.created, owned_by="sd35", root=adapter.location, parent=base)
             )
         return ModelList(data=cards)
+
+    def submit(self, params: GenerationParams) -> Any:
+        """Queue engine work made by another surface (AUTOMATIC1111's), as this layer queues its own."""
+        return self.engine.submit(params)
+
+    async def offload(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on the encoding pool: CPU work (decoding, encoding) kept off the event loop."""
+        return await self._in(self._encoders, work, *args)
 
     def close(self) -> None:
         for pool in (self._encoders, self._decoders, self._storers):

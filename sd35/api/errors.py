@@ -1,8 +1,9 @@
 """The one place where the app turns exceptions into error responses.
 
 Every error raised by a route, a dependency or request validation ends here
-and leaves in OpenAI's shape (:func:`sd35.errors.error_payload`); FastAPI's
-own 422 and plain-text errors never reach a client.
+and leaves in the shape of the path's API (:func:`sd35.errors.error_payload`):
+OpenAI's, or under ``/sdapi`` AUTOMATIC1111's ``{"detail": ...}`` (422 for
+validation). FastAPI's own 422 bodies and plain-text errors never reach a client.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sd35.errors import APIError, InvalidURLError, MethodNotAllowedError, ValidationError, error_payload
+from sd35.errors import (
+    APIError,
+    InvalidURLError,
+    MethodNotAllowedError,
+    ValidationError,
+    error_payload,
+    surface_of,
+)
 
 
 def error_response(request: Request, exc: BaseException) -> JSONResponse:
-    status, body, headers = error_payload(exc)
+    status, body, headers = error_payload(exc, surface_of(request.url.path))
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -33,11 +41,12 @@ def validation_error(request: Request, exc: RequestValidationError | PydanticVal
     if error.get("type") == "json_invalid":
         return ValidationError(f"The request body is not valid JSON: {error.get('msg', '')}.")
     if not loc:
+        example = ' such as {"prompt": "..."}' if surface_of(request.url.path) == "openai" else ""
         if not _is_json(request):
             return ValidationError("The request body must be JSON, sent with 'Content-Type: application/json'.")
         if error.get("type") == "missing":
-            return ValidationError('The request body is empty; send a JSON object such as {"prompt": "..."}.')
-        return ValidationError('The request body must be a JSON object such as {"prompt": "..."}.')
+            return ValidationError(f"The request body is empty; send a JSON object{example}.")
+        return ValidationError(f"The request body must be a JSON object{example}.")
     param = ".".join(loc)
     message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
     if error.get("type") == "missing":

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from sd35.errors import surface_of
 from sd35.protocol import ErrorResponse, ImageStreamEvent, StreamErrorEvent
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -66,8 +67,9 @@ def describe_as_served(app: FastAPI) -> None:
     """Replace FastAPI's document with one that matches what clients really get.
 
     FastAPI documents a 422 for every body it validates; sd35 answers 400 in
-    OpenAI's shape instead. The Bearer scheme is declared on the ``/v1``
-    routes so that Swagger UI's "Authorize" sends the key.
+    OpenAI's shape instead (AUTOMATIC1111's routes do answer 422). The Bearer
+    scheme is declared on the ``/v1`` routes, Basic and Bearer on ``/sdapi``,
+    so that Swagger UI's "Authorize" sends the key.
     """
     from fastapi.openapi.utils import get_openapi
 
@@ -86,10 +88,19 @@ def describe_as_served(app: FastAPI) -> None:
             schemas.update(definition.pop("$defs", {}))
             schemas[model.__name__] = definition
         components["securitySchemes"] = {
-            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The server's API_KEY (if set)."}
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The server's API_KEY (if set)."},
+            "basicAuth": {
+                "type": "http",
+                "scheme": "basic",
+                "description": "AUTOMATIC1111's API: any user name, an API key as the password.",
+            },
         }
         for path, operations in schema["paths"].items():
             for operation in operations.values():
+                if surface_of(path) == "a1111":
+                    # AUTOMATIC1111 does answer 422 (its own shape, documented by the routes).
+                    operation["security"] = [{"basicAuth": []}, {"bearerAuth": []}]
+                    continue
                 operation.get("responses", {}).pop("422", None)
                 if path.startswith("/v1"):
                     operation["security"] = [{"bearerAuth": []}]

@@ -4,6 +4,11 @@ A call can be stopped between two denoising steps: diffusers calls
 ``callback_on_step_end`` after every step, and an exception raised there ends
 the call before the remaining steps and the VAE decode run. The engine uses it
 at the end of the shutdown grace and when every request of a batch is gone.
+
+The same callback reports each step to a :class:`CallWatch`, which is how the
+engine knows how far a running request is, and lets one request of a batch end
+early with what was made so far (AUTOMATIC1111's interrupt and skip): its part
+of the current latents is decoded and handed over, while the others go on.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +32,19 @@ class CallInterrupted(Exception):  # noqa: N818 - a control-flow signal, not an 
         super().__init__(reason)
         self.reason = reason
         self.steps_run = steps_run
+
+
+class CallWatch(Protocol):
+    """Follows one call from the worker: progress, and requests that want to end before the last step."""
+
+    def on_step(self, done: int, total: int) -> None:
+        """``done`` of ``total`` denoising steps have run."""
+
+    def ending(self) -> list[int]:
+        """Indices (in the batch) of the requests that want to end now with what was made."""
+
+    def deliver(self, index: int, images: list[np.ndarray]) -> None:
+        """The images of request ``index``, decoded from the latents of the step just run."""
 
 
 class PipelineRunner:
@@ -58,10 +76,14 @@ class PipelineRunner:
         return self._edit_pipelines[mode]
 
     def __call__(
-        self, batch: list[GenerationParams], stop_reason: Callable[[], str | None] = lambda: None
+        self,
+        batch: list[GenerationParams],
+        stop_reason: Callable[[], str | None] = lambda: None,
+        watch: CallWatch | None = None,
     ) -> list[list[np.ndarray]]:
         """The batch's images as (H, W, 3) uint8 arrays, per request; raises :class:`CallInterrupted`
-        when ``stop_reason()`` says so between two steps."""
+        when ``stop_reason()`` says so between two steps. ``watch`` sees every step and may end
+        requests early (they are then delivered to it, and their entries here are of no use)."""
         import torch
 
         from sd35 import acceleration
@@ -100,12 +122,20 @@ class PipelineRunner:
         steps = [0]
         preview = _previewer(batch) if any(p.partial_images and p.on_preview for p in batch) else None
 
+        total = first.denoising_steps()
+
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             steps[0] = step + 1
             if preview is not None:
                 preview(step, tensors["latents"])
+            if watch is not None:
+                watch.on_step(steps[0], total)
+                # After the last step the call's own decode gives the same images.
+                if steps[0] < total:
+                    for index in watch.ending():
+                        watch.deliver(index, _decode_part(pipe, tensors["latents"], batch, index))
             reason = stop_reason()
-            if reason is not None and steps[0] < first.denoising_steps():
+            if reason is not None and steps[0] < total:
                 raise CallInterrupted(reason, steps[0])
             return {}
 
@@ -117,9 +147,7 @@ class PipelineRunner:
                 images = pipe(**kwargs).images
                 if first.mode == "inpaint":
                     images = _decode_and_overlay(pipe, images, first)
-                # diffusers' PIL rounding (float32, then ×255, round half to
-                # even), done on the device so only uint8 crosses to the host.
-                pixels = (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).contiguous().cpu()
+                arrays = _to_pixels(images)
         finally:
             self.steps_run.append(steps[0])
         self.batch_sizes.append(len(prompts))
@@ -127,7 +155,6 @@ class PipelineRunner:
         metrics.BATCH_IMAGES.observe(len(prompts))
         metrics.GENERATION_SECONDS.observe(elapsed)
         self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / len(prompts)
-        arrays = list(pixels.numpy())
         return [arrays[start : start + p.num_images] for p, start in zip(batch, offsets(batch), strict=True)]
 
 
@@ -159,6 +186,37 @@ def _previewer(batch: list[GenerationParams]) -> Callable[[int, Any], None]:
     return preview
 
 
+def _decode(pipe: Any, latents: Any) -> Any:
+    """Latents to (B, 3, H, W) float images in [0, 1], as the pipelines decode them."""
+    vae = pipe.vae
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    decoded = vae.decode(latents.to(vae.dtype)).sample
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _to_pixels(images: Any) -> list[np.ndarray]:
+    """(B, 3, H, W) floats in [0, 1] to (H, W, 3) uint8 arrays.
+
+    diffusers' PIL rounding (float32, then ×255, round half to even), done on
+    the device so only uint8 crosses to the host.
+    """
+    import torch
+
+    return list((images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).contiguous().cpu().numpy())
+
+
+def _decode_part(pipe: Any, latents: Any, batch: list[GenerationParams], index: int) -> list[np.ndarray]:
+    """One request's images from the latents of a step before the last: what was made so far."""
+    import torch
+
+    params = batch[index]
+    start = offsets(batch)[index]
+    part = latents[start : start + params.num_images]
+    with torch.inference_mode():
+        images = _decode_and_overlay(pipe, part, params) if params.mode == "inpaint" else _decode(pipe, part)
+        return _to_pixels(images)
+
+
 def _decode_and_overlay(pipe: Any, latents: Any, params: GenerationParams) -> Any:
     """Decode inpainting latents, then put the original back wherever nothing was to be repainted.
 
@@ -168,10 +226,7 @@ def _decode_and_overlay(pipe: Any, latents: Any, params: GenerationParams) -> An
     """
     import torch
 
-    vae = pipe.vae
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    decoded = vae.decode(latents.to(vae.dtype)).sample
-    generated = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    generated = _decode(pipe, latents)
     original = torch.from_numpy(params.init_image).to(generated.device).permute(2, 0, 1).float() / 255
     repaint = torch.from_numpy(params.mask).to(generated.device)[None, None].float()
     return repaint * generated + (1 - repaint) * original[None]

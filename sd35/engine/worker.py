@@ -10,7 +10,9 @@ elsewhere.
 
 A running batch is stopped at its next denoising step when nobody waits for it
 any more (every request timed out or its client left) and when the shutdown
-grace ends; its requests are then answered 503.
+grace ends; its requests are then answered 503. One request can also be ended
+early (:meth:`GenerationEngine.end_early`, AUTOMATIC1111's interrupt and skip):
+it is answered at the next step with what was made, and its neighbours go on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from sd35 import metrics
 from sd35.config import Settings
 from sd35.engine import loading
-from sd35.engine.calls import CallInterrupted, PipelineRunner
+from sd35.engine.calls import CallInterrupted, CallWatch, PipelineRunner
 from sd35.engine.memory import MemoryPlan, component_bytes
 from sd35.engine.params import GenerationParams
 from sd35.errors import (
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_REASON = "the server shut down while these images were being made; retry it, another replica may answer"
 ABANDONED_REASON = "every request of the batch is gone"
+ANSWERED_REASON = "every request of the batch was answered early or is gone"
 
 
 @dataclass
@@ -59,6 +62,49 @@ class _Job:
     # Set when whoever waited gave up (timeout, client gone): a running
     # future cannot be cancelled, so the worker looks at this instead.
     abandoned: bool = False
+    # Set by end_early: answer at the next step with what was made.
+    end_requested: bool = False
+    # Written by the worker as the job's pipeline call runs (see progress()).
+    steps_done: int = 0
+    steps_total: int = 0
+    started: float | None = None
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a submitted job stands: queued, running (with its denoising steps) or done."""
+
+    state: str
+    steps_done: int
+    steps_total: int
+    # Seconds since its pipeline call began (0 while queued).
+    elapsed: float
+    images: int
+
+
+class _Watch(CallWatch):
+    """The worker's side of one call: step counts onto the jobs, early answers to the jobs that asked."""
+
+    def __init__(self, jobs: list[_Job], made: list[np.ndarray] | None = None) -> None:
+        self.jobs = jobs
+        # Images a job already has (made one by one): they go with the early answer.
+        self.made = made or []
+        started = time.monotonic()
+        for job in jobs:
+            job.started = started
+
+    def on_step(self, done: int, total: int) -> None:
+        for job in self.jobs:
+            if not job.future.done():  # one answered early keeps the step it ended at
+                job.steps_done, job.steps_total = done, total
+
+    def ending(self) -> list[int]:
+        return [i for i, job in enumerate(self.jobs) if job.end_requested and not job.future.done()]
+
+    def deliver(self, index: int, images: list[np.ndarray]) -> None:
+        job = self.jobs[index]
+        logger.info("request %s: ended early after %d of %d steps", job.request_id, job.steps_done, job.steps_total)
+        job.future.set_result(self.made + images)
 
 
 def _weight_bytes(pipe: Any) -> int | None:
@@ -315,6 +361,40 @@ class GenerationEngine:
                     metrics.QUEUE_IMAGES.set(self._queued_images)
                     break
 
+    def end_early(self, job: _Job) -> bool:
+        """Answer ``job`` at its next denoising step with the images made so far (AUTOMATIC1111's
+        interrupt). A job still queued is dropped instead (its waiter sees a cancellation): True then."""
+        if job.future.cancel():
+            return True
+        job.end_requested = True
+        return False
+
+    def abandon(self, job: _Job) -> None:
+        """Nobody waits for ``job`` any more: it leaves the queue, or stops with the rest of its batch."""
+        job.abandoned = True
+        job.future.cancel()
+
+    def progress(self, job: _Job) -> JobProgress:
+        """How far ``job`` is: its state and, once its call runs, the denoising steps done."""
+        images = job.params.num_images
+        if job.future.done():
+            return JobProgress("done", job.steps_done, job.steps_total, 0.0, images)
+        if not job.future.running():
+            return JobProgress("queued", 0, job.params.denoising_steps(), 0.0, images)
+        total = job.steps_total or job.params.denoising_steps()
+        elapsed = 0.0 if job.started is None else time.monotonic() - job.started
+        return JobProgress("running", job.steps_done, total, elapsed, images)
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting in the queue (not yet in a running batch)."""
+        return self._queued_images
+
+    @property
+    def seconds_per_image(self) -> float:
+        """Recent GPU seconds per image (for estimates; 1 before anything ran)."""
+        return self.runner.seconds_per_image if self.runner is not None else 1.0
+
     # --- the worker --------------------------------------------------------
 
     def _next_batch(self) -> list[_Job] | None:
@@ -353,13 +433,17 @@ class GenerationEngine:
                 return SHUTDOWN_REASON
             if all(job.abandoned for job in batch):
                 return ABANDONED_REASON
+            if all(job.abandoned or job.future.done() for job in batch):
+                return ANSWERED_REASON
             return None
 
         return reason
 
-    def _call(self, batch: list[_Job], params: list[GenerationParams]) -> list[list[np.ndarray]]:
+    def _call(
+        self, batch: list[_Job], params: list[GenerationParams], made: list[np.ndarray] | None = None
+    ) -> list[list[np.ndarray]]:
         assert self.runner is not None
-        return self.runner(params, self._stop_reason(batch))
+        return self.runner(params, self._stop_reason(batch), _Watch(batch, made))
 
     def _run_batch(self, batch: list[_Job]) -> None:
         try:
@@ -372,9 +456,12 @@ class GenerationEngine:
                 # Isolate the failure: one bad request must not fail its
                 # neighbours, and a batch too large for the GPU may fit in parts.
                 for job in batch:
-                    self._run_batch([job])
+                    if not job.future.done():  # not answered early
+                        self._run_batch([job])
                 return
             job = batch[0]
+            if job.future.done():
+                return
             if job.params.num_images > 1 and self._is_out_of_memory(exc):
                 self._free_memory()
                 self._run_images_one_by_one(job)
@@ -382,20 +469,23 @@ class GenerationEngine:
             job.future.set_exception(self._translate(exc, job))
             return
         for job, images in zip(batch, results, strict=True):
-            job.future.set_result(images)
+            if not job.future.done():  # not answered early
+                job.future.set_result(images)
 
     def _interrupted(self, batch: list[_Job], stop: CallInterrupted) -> None:
         ids = ", ".join(job.request_id for job in batch)
         logger.info("stopped a batch after %d steps (%s): %s", stop.steps_run, stop.reason, ids)
         for job in batch:
-            job.future.set_exception(ServiceUnavailableError(f"The request was stopped: {stop.reason}."))
+            if not job.future.done():
+                job.future.set_exception(ServiceUnavailableError(f"The request was stopped: {stop.reason}."))
 
     def _run_images_one_by_one(self, job: _Job) -> None:
         """Retry an out-of-memory request image by image (image i keeps seed + i)."""
         images: list[np.ndarray] = []
         try:
             for seed in job.params.seeds():
-                images += self._call([job], [replace(job.params, num_images=1, seed=seed)])[0]
+                # Answered early, the job gets the images made so far, and the call stops (CallInterrupted).
+                images += self._call([job], [replace(job.params, num_images=1, seed=seed)], images)[0]
         except CallInterrupted as stop:
             self._interrupted([job], stop)
             return

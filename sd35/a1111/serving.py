@@ -1,0 +1,296 @@
+"""AUTOMATIC1111 requests on sd35's engine: the same queue, batches and limits as the OpenAI routes.
+
+A txt2img or img2img request becomes ``n_iter`` engine jobs of ``batch_size``
+images (image i of the request has seed + i, as in AUTOMATIC1111), queued like
+any OpenAI request and batched with them. The iterations run one after another,
+as in AUTOMATIC1111: ``skip`` ends the current one and the next one starts, and
+other callers' work is not held up behind a long request. What AUTOMATIC1111 keeps as global
+state is kept per API key here, so that callers sharing the server do not see
+or stop each other's work: the ``sd_model_checkpoint`` option, and the running
+requests that ``progress`` reports and ``interrupt`` / ``skip`` end. With
+authentication off there is one caller, as with AUTOMATIC1111 itself. The state
+lives in the worker process (one per GPU): with ``WORKERS`` > 1, an option set
+on one worker is not seen by the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sd35 import metrics
+from sd35.a1111 import translate
+from sd35.a1111.protocol import (
+    Img2ImgRequest,
+    LatentUpscalerModeItem,
+    LoraItem,
+    Options,
+    ProgressResponse,
+    ProgressState,
+    SamplerItem,
+    SchedulerItem,
+    ScriptsList,
+    SDModelItem,
+    SDVaeItem,
+    Txt2ImgRequest,
+    UpscalerItem,
+)
+from sd35.engine import GenerationParams
+from sd35.engine.worker import JobProgress
+from sd35.imaging import b64encode, encode_image
+from sd35.logs import KEY_NAME
+from sd35.serving import ImageServing
+
+
+def _png_b64(pixels: np.ndarray) -> bytes:
+    return b64encode(encode_image(pixels, "png"))
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def images_body(images: list[bytes], parameters: dict[str, Any], info: str) -> bytes:
+    """``{"images": [...], "parameters": {...}, "info": "..."}`` with the base64 spliced in as it is."""
+    parts = [b'{"images":[']
+    for index, b64 in enumerate(images):
+        parts += [b',"' if index else b'"', b64, b'"']
+    parts += [b'],"parameters":', _dumps(parameters), b',"info":', _dumps(info), b"}"]
+    return b"".join(parts)
+
+
+@dataclass
+class _Run:
+    """One txt2img / img2img request of a caller, while it is being answered."""
+
+    kind: str
+    timestamp: str
+    planned: list[GenerationParams]
+    # The engine jobs of the iterations submitted so far (one at a time).
+    jobs: list[Any] = field(default_factory=list)
+    # Jobs that interrupt dropped from the queue before they ran: answered with no images.
+    dropped: set[int] = field(default_factory=set)
+    interrupted: bool = False
+    skipped: bool = False
+
+    def unrun(self) -> int:
+        """Iterations that an interrupt kept from ever being submitted."""
+        return len(self.planned) - len(self.jobs) if self.interrupted else 0
+
+
+class A1111Serving:
+    """The AUTOMATIC1111 surface of one worker: options, listings, generation, progress, interrupt."""
+
+    def __init__(self, serving: ImageServing) -> None:
+        self.serving = serving
+        self.settings = serving.settings
+        self.engine = serving.engine
+        self._checkpoints: dict[str, str] = {}
+        self._runs: dict[str, list[_Run]] = {}
+
+    # --- options and listings ---------------------------------------------------
+
+    def _checkpoint(self) -> str:
+        return self._checkpoints.get(KEY_NAME.get(), translate.base_checkpoint(self.settings).title)
+
+    def options(self) -> Options:
+        return Options(sd_model_checkpoint=self._checkpoint())
+
+    def set_options(self, options: dict[str, Any]) -> None:
+        """Only ``sd_model_checkpoint`` changes anything; other settings are accepted and ignored."""
+        name = options.get("sd_model_checkpoint")
+        if name is not None:
+            checkpoint = translate.find_checkpoint(self.settings, name, "sd_model_checkpoint")
+            self._checkpoints[KEY_NAME.get()] = checkpoint.title
+
+    def sd_models(self) -> list[SDModelItem]:
+        """The one checkpoint: the base model (adapters are LoRAs, see :meth:`loras`)."""
+        base = translate.base_checkpoint(self.settings)
+        item = SDModelItem(
+            title=base.title, model_name=base.model_name, hash=None, sha256=None, filename=base.filename, config=None
+        )
+        return [item]
+
+    def loras(self) -> list[LoraItem]:
+        return [LoraItem(name=a.name, alias=a.name, path=a.location, metadata={}) for a in self.settings.lora_adapters]
+
+    @staticmethod
+    def samplers() -> list[SamplerItem]:
+        return [SamplerItem(name=translate.SAMPLER, aliases=translate.SAMPLER_ALIASES, options={})]
+
+    @staticmethod
+    def schedulers() -> list[SchedulerItem]:
+        return [
+            SchedulerItem(
+                name=translate.SCHEDULER,
+                label=translate.SCHEDULER_LABEL,
+                aliases=None,
+                default_rho=-1,
+                need_inner_model=False,
+            )
+        ]
+
+    @staticmethod
+    def upscalers() -> list[UpscalerItem]:
+        """Only AUTOMATIC1111's "None": sd35 has no upscalers (and no hires fix)."""
+        return [UpscalerItem(name="None", model_name=None, model_path=None, model_url=None, scale=1)]
+
+    @staticmethod
+    def latent_upscale_modes() -> list[LatentUpscalerModeItem]:
+        return []
+
+    @staticmethod
+    def sd_vaes() -> list[SDVaeItem]:
+        """No VAE files to choose from: the model's own VAE is always used."""
+        return []
+
+    @staticmethod
+    def scripts() -> ScriptsList:
+        return ScriptsList(txt2img=[], img2img=[])
+
+    # --- generation ----------------------------------------------------------------
+
+    async def generate(self, request: Txt2ImgRequest | Img2ImgRequest) -> bytes:
+        """The JSON body of a txt2img or img2img answer."""
+        checkpoint = self._checkpoint()
+        if isinstance(request, Img2ImgRequest):
+            # Decoding the input and the mask is CPU work: off the event loop.
+            plan = await self.serving.offload(translate.plan_img2img, self.settings, request, checkpoint)
+        else:
+            plan = translate.plan(self.settings, request, checkpoint)
+        run = _Run(plan.kind, time.strftime("%Y%m%d%H%M%S"), plan.jobs)
+        key = KEY_NAME.get()
+        self._runs.setdefault(key, []).append(run)
+        try:
+            results = await self._run(run)
+        finally:
+            runs = self._runs[key]
+            runs.remove(run)
+            if not runs:
+                del self._runs[key]
+        images = [image for result in results for image in result]
+        # The seeds of the images answered: an iteration interrupted before it ran has none.
+        seeds = [seed for job, result in zip(plan.jobs, results, strict=True) for seed in job.seeds()[: len(result)]]
+        self._describe_stops(plan, run)
+        label = plan.jobs[0].adapter or self.settings.served_model_name
+        metrics.IMAGES_GENERATED.labels(model=label).inc(len(images))
+        encoded: list[bytes] = []
+        if request.send_images is not False:
+            encoded = list(await asyncio.gather(*(self.serving.offload(_png_b64, pixels) for pixels in images)))
+        return images_body(encoded, translate.parameters(request), translate.info(plan, seeds, run.timestamp))
+
+    async def _run(self, run: _Run) -> list[list[np.ndarray]]:
+        """The iterations' images, queued one after another (one dropped or never run gives none);
+        giving up (timeout, queue full, client gone) drops the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout
+        results: list[list[np.ndarray]] = []
+        try:
+            for params in run.planned:
+                if run.interrupted:
+                    results.append([])
+                    continue
+                job = self.serving.submit(params)
+                run.jobs.append(job)
+                try:
+                    results.append(await self.engine.result(job, max(deadline - loop.time(), 0.001)))
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if id(job) in run.dropped and not (task is not None and task.cancelling()):
+                        results.append([])
+                        continue
+                    raise
+        except BaseException:
+            # Timed out, refused (queue full) or the client left: nobody wants the rest.
+            for job in run.jobs:
+                self.engine.abandon(job)
+            raise
+        return results
+
+    def _describe_stops(self, plan: translate.Plan, run: _Run) -> None:
+        """Say in ``info`` how an interrupt or skip ended the request."""
+        notes = []
+        for job in run.jobs:
+            if id(job) in run.dropped:
+                continue
+            progress = self.engine.progress(job)
+            if progress.steps_done < progress.steps_total:
+                notes.append(f"after {progress.steps_done} of {progress.steps_total} steps")
+        unrun = len(run.dropped) + run.unrun()
+        if unrun:
+            notes.append(f"{unrun} iteration{'s' if unrun > 1 else ''} not run")
+        if notes:
+            plan.extra["Interrupted" if run.interrupted else "Skipped"] = "; ".join(notes)
+
+    # --- progress, interrupt, skip -------------------------------------------------------
+
+    def progress(self) -> ProgressResponse:
+        """The caller's requests: the running job's denoising steps, and every job not yet answered."""
+        runs = self._runs.get(KEY_NAME.get(), [])
+        states = [state for run in runs for state in self._states(run)]
+        if not states:
+            idle = ProgressState(
+                skipped=False,
+                interrupted=False,
+                stopping_generation=False,
+                job="",
+                job_count=0,
+                job_timestamp="0",
+                job_no=0,
+                sampling_step=0,
+                sampling_steps=0,
+            )
+            return ProgressResponse(progress=0, eta_relative=0, state=idle)
+        done = sum(state.state == "done" for state in states)
+        running = [state for state in states if state.state == "running"]
+        queued = [state for state in states if state.state == "queued"]
+        fraction = (done + sum(s.steps_done / s.steps_total for s in running if s.steps_total)) / len(states)
+        per_step = next((s.elapsed / s.steps_done for s in running if s.steps_done), None)
+        if per_step is None:
+            eta = sum(s.images for s in running + queued) * self.engine.seconds_per_image
+        else:
+            # The caller's running jobs share one call; each queued one is counted as a call of its own.
+            left = max((s.steps_total - s.steps_done for s in running), default=0)
+            eta = (left + sum(s.steps_total for s in queued)) * per_step
+        current = running[0] if running else (queued[0] if queued else states[-1])
+        state = ProgressState(
+            skipped=any(run.skipped for run in runs),
+            interrupted=any(run.interrupted for run in runs),
+            stopping_generation=False,
+            job=f"scripts_{runs[0].kind}",
+            job_count=len(states),
+            job_timestamp=runs[0].timestamp,
+            job_no=done,
+            sampling_step=current.steps_done,
+            sampling_steps=current.steps_total,
+        )
+        return ProgressResponse(progress=min(fraction, 1.0), eta_relative=round(eta, 3), state=state)
+
+    def _states(self, run: _Run) -> list[JobProgress]:
+        """Each iteration's progress: submitted ones from the engine, later ones as queued."""
+        states = [self.engine.progress(job) for job in run.jobs]
+        if not run.interrupted:
+            later = run.planned[len(run.jobs) :]
+            states += [JobProgress("queued", 0, p.denoising_steps(), 0.0, p.num_images) for p in later]
+        return states
+
+    def interrupt(self) -> None:
+        """End the caller's requests: running jobs at their next step with what was made, the rest unrun."""
+        for run in self._runs.get(KEY_NAME.get(), []):
+            run.interrupted = True
+            for job in run.jobs:
+                if self.engine.progress(job).state != "done" and self.engine.end_early(job):
+                    run.dropped.add(id(job))
+
+    def skip(self) -> None:
+        """End the caller's running jobs at their next step; their requests' later iterations still run."""
+        for run in self._runs.get(KEY_NAME.get(), []):
+            for job in run.jobs:
+                if self.engine.progress(job).state == "running":
+                    run.skipped = True
+                    self.engine.end_early(job)
