@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,7 +25,8 @@ from PIL import Image
 from sd35 import metrics, responses
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams, adapters
-from sd35.errors import ImageStoreError, ValidationError, error_payload
+from sd35.engine.params import SEED_MODULUS
+from sd35.errors import ImageStoreError, ModelNotFoundError, ValidationError, error_payload
 from sd35.imaging import (
     OutputFormat,
     UploadError,
@@ -53,13 +56,26 @@ SEED_BITS = 32
 # region is painted anew.
 IMG2IMG_STRENGTH = 0.6
 INPAINT_STRENGTH = 1.0
+# input_fidelity=high: keep more of the input (OpenAI: match its features more closely).
+HIGH_FIDELITY_STRENGTH = 0.4
+
+Request = ImageGenerationRequest | ImageEditRequest | ImageVariationRequest
 
 
-def _encoding(request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest) -> tuple[OutputFormat, int]:
+def _encoding(request: Request) -> tuple[OutputFormat, int]:
     """The output format and compression a request asks for (variations have neither: PNG)."""
     output_format: OutputFormat = getattr(request, "output_format", None) or "png"
     compression = getattr(request, "output_compression", None)
     return output_format, 100 if compression is None else compression
+
+
+def _high_fidelity(request: ImageEditRequest | ImageVariationRequest) -> bool:
+    return getattr(request, "input_fidelity", None) == "high"
+
+
+def _shifted_preview(on_preview: Callable[[int, int, np.ndarray], None], start: int, image: int, *rest: Any) -> None:
+    """A chunk's previews, numbered among the whole request's images."""
+    on_preview(start + image, *rest)
 
 
 def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> responses.Parts:
@@ -76,19 +92,32 @@ class ImageServing:
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="sd35-encode"
         )
 
+    def check_n(self, n: int | None) -> int:
+        """The request's n, within 1..MAX_IMAGES_PER_REQUEST (the server's cap, not a fixed one)."""
+        n = 1 if n is None else n
+        cap = self.settings.max_images_per_request
+        if not 1 <= n <= cap:
+            raise ValidationError(
+                f"Invalid value for 'n': {n}; this server makes 1 to {cap} images per request "
+                f"(MAX_IMAGES_PER_REQUEST={cap}).",
+                param="n",
+            )
+        return n
+
     def params_for(self, request: ImageGenerationRequest) -> GenerationParams:
+        num_images = self.check_n(request.n)
         width, height = request.dimensions()
         return GenerationParams(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             width=width,
             height=height,
-            num_images=request.n or 1,
+            num_images=num_images,
             **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
             **self._adapter(request),
         )
 
-    def _adapter(self, request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest) -> dict:
+    def _adapter(self, request: Request) -> dict:
         adapter, scale = adapters.resolve(self.settings, request.model, request.lora_scale)
         return {"adapter": adapter, "lora_scale": scale}
 
@@ -119,6 +148,7 @@ class ImageServing:
         self, request: ImageEditRequest | ImageVariationRequest, uploads: list[tuple[str, bytes]], mask: bytes | None
     ) -> GenerationParams:
         """Decode and check the uploads; the first image is edited (a mask applies to it, as at OpenAI)."""
+        num_images = self.check_n(request.n)
         if not uploads:
             raise ValidationError("Missing required file: 'image' (a PNG, JPEG or WebP image).", param="image")
         try:
@@ -140,14 +170,19 @@ class ImageServing:
         repaint = None
         if mask_image is not None:
             repaint = np.array(fit(Image.fromarray(repaint_mask(mask_image)), width, height, Image.NEAREST))
-        strength = request.strength or (IMG2IMG_STRENGTH if repaint is None else INPAINT_STRENGTH)
+        if request.strength:
+            strength = request.strength
+        elif repaint is not None:
+            strength = INPAINT_STRENGTH
+        else:
+            strength = HIGH_FIDELITY_STRENGTH if _high_fidelity(request) else IMG2IMG_STRENGTH
         negative = request.negative_prompt if isinstance(request, ImageEditRequest) else None
         return GenerationParams(
             prompt=request.prompt if isinstance(request, ImageEditRequest) else "",
             negative_prompt=negative,
             width=width,
             height=height,
-            num_images=request.n or 1,
+            num_images=num_images,
             init_image=np.array(fit(source.convert("RGB"), width, height, Image.LANCZOS)),
             mask=repaint,
             strength=strength,
@@ -159,6 +194,7 @@ class ImageServing:
         self, request: ImageEditRequest | ImageVariationRequest, uploads: list[tuple[str, bytes]], mask: bytes | None
     ) -> GenerationParams:
         """:meth:`edit_params` off the event loop (decoding images takes CPU time)."""
+        self.check_n(request.n)  # before any image is decoded
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._encoders, self.edit_params, request, uploads, mask)
 
@@ -175,14 +211,64 @@ class ImageServing:
         """The JSON body of the response; ``base_url``: where clients reach this service, for `url` images."""
         return await self._respond(self.params_for(request), request, base_url)
 
-    async def _respond(
-        self,
-        params: GenerationParams,
-        request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,
-        base_url: str,
-    ) -> bytes:
+    def _chunks(self, params: GenerationParams) -> list[GenerationParams]:
+        """The request as engine jobs of at most MAX_BATCH_IMAGES (as the memory plan resolved it).
+
+        A request for more images than one pipeline call may hold is split
+        here, not left to the GPU: image i keeps seed + i, so the images are
+        the ones a single call would give.
+        """
+        size = max(1, self.engine.settings.max_batch_images)
+        if params.num_images <= size:
+            return [params]
+        chunks = []
+        for start in range(0, params.num_images, size):
+            on_preview = params.on_preview
+            if on_preview is not None:
+                on_preview = functools.partial(_shifted_preview, on_preview, start)
+            chunks.append(
+                replace(
+                    params,
+                    num_images=min(size, params.num_images - start),
+                    seed=(params.seed + start) % SEED_MODULUS,
+                    on_preview=on_preview,
+                )
+            )
+        return chunks
+
+    def _submit(self, params: GenerationParams) -> list[Any]:
+        """Queue every chunk of the request; if one is refused (queue full), none stays queued."""
+        jobs: list[Any] = []
+        try:
+            for chunk in self._chunks(params):
+                jobs.append(self.engine.submit(chunk))
+        except BaseException:
+            for job in jobs:
+                self.engine.cancel(job)
+            raise
+        return jobs
+
+    async def _results(self, jobs: list[Any]) -> list[np.ndarray]:
+        """The images of every job in order; the first failure cancels the rest."""
+        if len(jobs) == 1:
+            return await self.engine.result(jobs[0])
+        waits = [asyncio.ensure_future(self.engine.result(job)) for job in jobs]
+        try:
+            parts = await asyncio.gather(*waits)
+        except BaseException:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            raise
+        return [image for part in parts for image in part]
+
+    async def run(self, params: GenerationParams) -> list[np.ndarray]:
+        """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order, however many batches it takes."""
+        return await self._results(self._submit(params))
+
+    async def _respond(self, params: GenerationParams, request: Request, base_url: str) -> bytes:
         output_format, compression = _encoding(request)
-        images = await self.engine.generate(params)
+        images = await self.run(params)
         loop = asyncio.get_running_loop()
         if request.response_format == "url":
             jobs = [
@@ -191,6 +277,7 @@ class ImageServing:
             ]
         else:
             jobs = [loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images]
+        counted = loop.run_in_executor(self._encoders, self.engine.usage, params)
         items = await asyncio.gather(*jobs)
         metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
         return responses.images_body(
@@ -199,6 +286,7 @@ class ImageServing:
             background="opaque",
             output_format=output_format,
             size=format_size(params.width, params.height),
+            usage=await counted,
         )
 
     def stream(
@@ -220,7 +308,7 @@ class ImageServing:
             loop.call_soon_threadsafe(previews.put_nowait, (image, index, preview))
 
         params = replace(params, partial_images=request.partial_images or 0, on_preview=on_preview)
-        job = self.engine.submit(params)
+        jobs = self._submit(params)
         output_format, compression = _encoding(request)
         common = {
             "background": "opaque",
@@ -238,7 +326,7 @@ class ImageServing:
             return responses.event(f"{kind}.partial_image", payload, encoded(full))
 
         async def events() -> AsyncIterator[bytes]:
-            done = asyncio.ensure_future(self.engine.result(job))
+            done = asyncio.ensure_future(self._results(jobs))
             try:
                 while not done.done() or not previews.empty():
                     waiting = asyncio.ensure_future(previews.get())
@@ -253,13 +341,7 @@ class ImageServing:
                     _, body, _ = error_payload(exc)
                     yield responses.event("error", body)
                     return
-                tokens = self.engine.count_prompt_tokens(params.prompt) or 0
-                usage = {
-                    "input_tokens": tokens,
-                    "input_tokens_details": {"image_tokens": 0, "text_tokens": tokens},
-                    "output_tokens": 0,
-                    "total_tokens": tokens,
-                }
+                usage = await loop.run_in_executor(self._encoders, self.engine.usage, params)
                 finals = [loop.run_in_executor(self._encoders, encoded, pixels) for pixels in images]
                 for index, final in enumerate(finals):
                     payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
@@ -282,6 +364,15 @@ class ImageServing:
                 ModelCard(id=adapter.name, created=self.created, owned_by="sd35", root=adapter.location, parent=base)
             )
         return ModelList(data=cards)
+
+    def model(self, name: str) -> ModelCard:
+        """One model that :meth:`models` lists, by its exact id; anything else is OpenAI's ``model_not_found``."""
+        card = next((card for card in self.models().data if card.id == name), None)
+        if card is None:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist; GET /v1/models lists the models served here.", param="model"
+            )
+        return card
 
     def close(self) -> None:
         self._encoders.shutdown(wait=False, cancel_futures=True)
