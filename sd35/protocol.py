@@ -265,7 +265,7 @@ class ImagesUsage(BaseModel):
     input_tokens: int = Field(description="text_tokens + image_tokens.")
     input_tokens_details: InputTokensDetails
     output_tokens: int = Field(description="Latent patches the transformer denoised: (W/16)·(H/16) per image.")
-    output_tokens_details: OutputTokensDetails | None = None
+    output_tokens_details: OutputTokensDetails | None = Field(default=None, description="Not in stream events.")
     total_tokens: int = Field(description="input_tokens + output_tokens.")
 
 

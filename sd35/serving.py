@@ -342,6 +342,8 @@ class ImageServing:
                     yield responses.event("error", body)
                     return
                 usage = await loop.run_in_executor(self._encoders, self.engine.usage, params)
+                # OpenAI's stream events carry usage without output details (ImagesUsage, not ImageGenUsage).
+                usage.pop("output_tokens_details", None)
                 finals = [loop.run_in_executor(self._encoders, encoded, pixels) for pixels in images]
                 for index, final in enumerate(finals):
                     payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
