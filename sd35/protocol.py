@@ -35,14 +35,17 @@ URL_BY_DEFAULT = DALL_E_MODELS
 GPT_IMAGE_PREFIX = "gpt-image-"
 GPT_IMAGE_ALIASES = frozenset({"chatgpt-image-latest"})
 
-# The values OpenAI's own schema allows (openai-openapi, CreateImageRequest and
-# CreateImageEditRequest); anything else is a 400 naming the parameter.
-QUALITY_CHOICES = ("standard", "hd", "low", "medium", "high", "auto")
-EDIT_QUALITY_CHOICES = ("standard", "low", "medium", "high", "auto")
+# The values OpenAI accepts today: its OpenAPI document (openai-openapi,
+# CreateImageRequest / CreateImageEditRequest) and the newer openai-python 3.57
+# (which adds quality xhigh and max, and complexity, for gpt-image-2.5 models).
+# Anything else is a 400 naming the parameter.
+QUALITY_CHOICES = ("standard", "hd", "low", "medium", "high", "xhigh", "max", "auto")
+EDIT_QUALITY_CHOICES = ("standard", "low", "medium", "high", "xhigh", "max", "auto")
 BACKGROUND_CHOICES = ("transparent", "opaque", "auto")
 MODERATION_CHOICES = ("low", "auto")
 STYLE_CHOICES = ("vivid", "natural")
 INPUT_FIDELITY_CHOICES = ("high", "low")
+COMPLEXITY_CHOICES = ("low", "medium", "high")
 
 MODEL_DESCRIPTION = (
     "A LoRA adapter's name (see `/v1/models`) selects it; anything else - the base model's id, `gpt-image-2`, "
@@ -68,6 +71,7 @@ BACKGROUND_DESCRIPTION = (
 )
 MODERATION_DESCRIPTION = "`low` or `auto`; accepted and ignored: this server runs no moderation model."
 STYLE_DESCRIPTION = "`vivid` or `natural` (dall-e-3's); accepted and ignored."
+COMPLEXITY_DESCRIPTION = "`low`, `medium` or `high` (gpt-image-2.5's planning effort); accepted and ignored."
 N_SCHEMA = {"minimum": 1, "maximum": MAX_IMAGES_PER_REQUEST_LIMIT}
 
 
@@ -186,6 +190,9 @@ class ImageGenerationRequest(_ResponseFormatDefault):
     style: str | None = Field(
         default=None, description=STYLE_DESCRIPTION, json_schema_extra={"enum": [*STYLE_CHOICES, None]}
     )
+    complexity: str | None = Field(
+        default=None, description=COMPLEXITY_DESCRIPTION, json_schema_extra={"enum": [*COMPLEXITY_CHOICES, None]}
+    )
     user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
 
     # --- sd35 extensions (not part of the OpenAI API) ---
@@ -238,6 +245,11 @@ class ImageGenerationRequest(_ResponseFormatDefault):
     def _style(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _check_choice(value, info, STYLE_CHOICES)
 
+    @field_validator("complexity")
+    @classmethod
+    def _complexity(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_choice(value, info, COMPLEXITY_CHOICES)
+
     def dimensions(self) -> tuple[int, int]:
         """(width, height) to generate."""
         return parse_size(self.size or "auto")
@@ -274,7 +286,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     background: Literal["transparent", "opaque"] | None = Field(default=None, description="Always `opaque`.")
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    quality: Literal["low", "medium", "high"] | None = Field(
+    quality: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
         default=None, description="Never sent: quality changes nothing here (see the request's `quality`)."
     )
     size: str | None = Field(default=None, examples=["1024x1024"])
@@ -375,6 +387,9 @@ class ImageEditRequest(_UploadRequest):
     background: str | None = Field(
         default=None, description=BACKGROUND_DESCRIPTION, json_schema_extra={"enum": ["opaque", "auto", None]}
     )
+    complexity: str | None = Field(
+        default=None, description=COMPLEXITY_DESCRIPTION, json_schema_extra={"enum": [*COMPLEXITY_CHOICES, None]}
+    )
     input_fidelity: str | None = Field(
         default=None,
         description="`high` keeps more of the input image: without a mask and without `strength`, the edit "
@@ -395,6 +410,11 @@ class ImageEditRequest(_UploadRequest):
     @classmethod
     def _background(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _check_background(value, info)
+
+    @field_validator("complexity")
+    @classmethod
+    def _complexity(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_choice(value, info, COMPLEXITY_CHOICES)
 
     @field_validator("input_fidelity")
     @classmethod
