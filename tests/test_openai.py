@@ -105,7 +105,8 @@ def test_streamed_completed_events_carry_the_same_usage(client: TestClient) -> N
     with client.stream("POST", GEN, json=body) as response:
         completed = [data for name, data in read_events(response) if name.endswith(".completed")]
     plain = client.post(GEN, json={**body, "stream": False}).json()["usage"]
-    assert [event["usage"] for event in completed] == [plain, plain]
+    assert plain.pop("output_tokens_details") == {"image_tokens": 2 * 256, "text_tokens": 0}
+    assert [event["usage"] for event in completed] == [plain, plain], "no output details: OpenAI's events have none"
     assert plain["output_tokens"] == 2 * 256
 
 
