@@ -128,6 +128,17 @@ def test_large_n_runs_as_batches_of_max_batch_images_with_consecutive_seeds(clie
         assert np.abs(images[index] - pixels(alone)).max() <= 1, index
 
 
+def test_a_stream_of_several_batches_numbers_every_image(client: TestClient) -> None:
+    from tests.test_streaming import read_events
+
+    body = {"prompt": "five kites", "n": 5, "stream": True, "partial_images": 1, "size": "256x256"}
+    with client.stream("POST", GEN, json={**body, "num_inference_steps": 2}) as response:
+        events = read_events(response)
+    partial = sorted(data["image_index"] for name, data in events if name.endswith(".partial_image"))
+    completed = [data["image_index"] for name, data in events if name.endswith(".completed")]
+    assert partial == completed == [0, 1, 2, 3, 4], "batches of 4 and 1, numbered as one request"
+
+
 def test_n_is_checked_against_the_configured_cap(client: TestClient) -> None:
     for n in (0, 11):
         error = assert_openai_error(client.post(GEN, json={"prompt": "a", "n": n}), 400, "validation_error", "n")

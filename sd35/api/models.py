@@ -11,7 +11,7 @@ from sd35.protocol import ErrorResponse, ModelCard, ModelList
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]}, summary="List the models served")
+@router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
 async def list_models(serving: Serving) -> ModelList:
     return serving.models()
 
