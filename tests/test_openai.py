@@ -246,3 +246,16 @@ def test_no_delay_where_none_helps(exc: APIError) -> None:
     _, _, headers = error_payload(exc)
     assert "retry-after" not in headers and "retry-after-ms" not in headers
     assert headers["x-should-retry"] == ("true" if isinstance(exc, BodyReadTimeoutError) else "false")
+
+
+def test_openapi_document_lists_the_new_errors_and_headers(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    generations = paths["/v1/images/generations"]["post"]["responses"]
+    assert "BODY_READ_TIMEOUT" in generations["408"]["description"]
+    assert "server_busy" in generations["503"]["description"]
+    for status in ("429", "503"):
+        assert {"retry-after", "retry-after-ms", "x-should-retry"} <= set(generations[status]["headers"])
+    retrieve = paths["/v1/models/{model}"]["get"]
+    assert "model_not_found" in retrieve["responses"]["404"]["description"]
+    n = client.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]["properties"]["n"]
+    assert (n["minimum"], n["maximum"]) == (1, 10) and "MAX_IMAGES_PER_REQUEST" in n["description"]
