@@ -238,6 +238,14 @@ class ImageServing:
 
     def _submit(self, params: GenerationParams) -> list[Any]:
         """Queue every chunk of the request; if one is refused (queue full), none stays queued."""
+        queue = self.engine.settings.max_queue_images
+        if params.num_images > queue:
+            # Chunks would each fit, but together never: the 400 the engine gives a request this large.
+            raise ValidationError(
+                f"n={params.num_images} is more than this server queues at once (MAX_QUEUE_IMAGES={queue}); "
+                "ask for fewer images.",
+                param="n",
+            )
         jobs: list[Any] = []
         try:
             for chunk in self._chunks(params):

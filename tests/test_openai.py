@@ -259,3 +259,10 @@ def test_openapi_document_lists_the_new_errors_and_headers(client: TestClient) -
     assert "model_not_found" in retrieve["responses"]["404"]["description"]
     n = client.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]["properties"]["n"]
     assert (n["minimum"], n["maximum"]) == (1, 10) and "MAX_IMAGES_PER_REQUEST" in n["description"]
+
+
+def test_a_request_larger_than_the_queue_is_a_400_even_in_batches(client: TestClient, monkeypatch) -> None:
+    serving = importlib.import_module("service").app.state.serving
+    monkeypatch.setattr(serving.engine, "settings", replace(serving.engine.settings, max_queue_images=6))
+    error = assert_openai_error(client.post(GEN, json={"prompt": "a", "n": 8, **FAST}), 400, "validation_error", "n")
+    assert "MAX_QUEUE_IMAGES=6" in error["message"], "batches of 4 would each fit; all 8 never could"
