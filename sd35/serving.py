@@ -256,11 +256,11 @@ class ImageServing:
             raise
         return jobs
 
-    async def _results(self, jobs: list[Any]) -> list[np.ndarray]:
-        """The images of every job in order; the first failure cancels the rest."""
+    async def _results(self, jobs: list[Any], timeout: float | None = None) -> list[np.ndarray]:
+        """The images of every job in order; the first failure (or the timeout) cancels the rest."""
         if len(jobs) == 1:
-            return await self.engine.result(jobs[0])
-        waits = [asyncio.ensure_future(self.engine.result(job)) for job in jobs]
+            return await self.engine.result(jobs[0], timeout)
+        waits = [asyncio.ensure_future(self.engine.result(job, timeout)) for job in jobs]
         try:
             parts = await asyncio.gather(*waits)
         except BaseException:
@@ -270,9 +270,10 @@ class ImageServing:
             raise
         return [image for part in parts for image in part]
 
-    async def run(self, params: GenerationParams) -> list[np.ndarray]:
-        """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order, however many batches it takes."""
-        return await self._results(self._submit(params))
+    async def run(self, params: GenerationParams, timeout: float | None = None) -> list[np.ndarray]:
+        """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order, however many batches it takes
+        (``engine.generate`` for requests of any size; ``timeout``: REQUEST_TIMEOUT when None)."""
+        return await self._results(self._submit(params), timeout)
 
     async def _respond(self, params: GenerationParams, request: Request, base_url: str) -> bytes:
         output_format, compression = _encoding(request)

@@ -164,10 +164,23 @@ def test_a_request_refused_halfway_through_queueing_leaves_nothing_queued(client
     assert client.post(GEN, json={"prompt": "a", "n": 10, **FAST}).status_code == 200
 
 
+def test_a_timeout_gives_up_every_batch_of_the_request(client: TestClient) -> None:
+    from sd35.errors import RequestTimeoutError
+
+    serving = importlib.import_module("service").app.state.serving
+    params = serving.params_for(_generation(n=10, size="512x512", num_inference_steps=4))
+    with pytest.raises(RequestTimeoutError):
+        client.portal.call(serving.run, params, 0.05)
+    queue = serving.engine
+    with queue._cond:
+        assert queue._queued_images == 0 and not queue._pending, "the batches not yet started left the queue"
+    assert client.post(GEN, json={"prompt": "a", **FAST}).status_code == 200
+
+
 def _generation(**fields):
     from sd35.protocol import ImageGenerationRequest
 
-    return ImageGenerationRequest(prompt="a", **FAST, **fields)
+    return ImageGenerationRequest(prompt="a", **{**FAST, **fields})
 
 
 # --- input_fidelity ----------------------------------------------------------
