@@ -116,7 +116,7 @@ if settings.cors_allow_origins:
         allow_origins=list(settings.cors_allow_origins),
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["authorization", "content-type"],
-        expose_headers=["x-request-id", "openai-processing-ms", "retry-after"],
+        expose_headers=["x-request-id", "openai-processing-ms", "retry-after", "retry-after-ms", "x-should-retry"],
         max_age=600,
     )
 SD35.add_asgi_middleware(RouteGate)

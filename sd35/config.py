@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-3.5-large-turbo"
+# OpenAI's own bound on n; MAX_IMAGES_PER_REQUEST may be set up to it.
+MAX_IMAGES_PER_REQUEST_LIMIT = 10
 
 T = TypeVar("T")
 
@@ -83,6 +85,8 @@ class Settings:
     device: str = "auto"
     max_queue_images: int = 64
     max_batch_images: int = 8
+    # The cap on a request's n (OpenAI allows 1-10); larger n runs as several batches.
+    max_images_per_request: int = 4
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
@@ -122,6 +126,7 @@ class Settings:
             f"model={self.model_id} device={self.device} auth={auth} hf_token={'set' if self.hf_token else 'unset'} "
             f"cache_dit={self.enable_cache_dit} steps={self.default_num_inference_steps} "
             f"guidance={self.default_guidance_scale} max_batch_images={self.max_batch_images} "
+            f"max_images_per_request={self.max_images_per_request} "
             f"max_queue_images={self.max_queue_images} request_timeout={self.request_timeout:g}s "
             f"memory_mode={self.memory_mode} torch_compile={self.torch_compile} "
             f"vae_channels_last={self.vae_channels_last} warmup={self.warmup} workers={self.workers} "
@@ -319,6 +324,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         device=_parse(env, "DEVICE", "auto", _device, "auto, cpu, cuda or cuda:N"),
         max_queue_images=_parse(env, "MAX_QUEUE_IMAGES", 64, _bounded(int, 1, 100_000), "an integer ≥ 1"),
         max_batch_images=_parse(env, "MAX_BATCH_IMAGES", 8, _bounded(int, 1, 256), "an integer between 1 and 256"),
+        max_images_per_request=_parse(
+            env,
+            "MAX_IMAGES_PER_REQUEST",
+            4,
+            _bounded(int, 1, MAX_IMAGES_PER_REQUEST_LIMIT),
+            f"an integer between 1 and {MAX_IMAGES_PER_REQUEST_LIMIT} (OpenAI's range for n)",
+        ),
         request_timeout=_parse(
             env, "REQUEST_TIMEOUT", 300.0, _bounded(float, 1, 86_400), "a number of seconds between 1 and 86400"
         ),
@@ -362,6 +374,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         lora_adapters=_adapters(_get(env, "LORA_ADAPTERS"), Settings(model_id=model_id).served_model_name),
         **_image_store_settings(env),
     )
+    # Only when set: the default cap (4) stays valid beside a smaller queue, whose own 400 names MAX_QUEUE_IMAGES.
+    if _get(env, "MAX_IMAGES_PER_REQUEST") and settings.max_images_per_request > settings.max_queue_images:
+        raise ConfigError(
+            f"MAX_IMAGES_PER_REQUEST={settings.max_images_per_request} is invalid: expected at most MAX_QUEUE_IMAGES "
+            f"({settings.max_queue_images}), or a request for that many images could never be queued"
+        )
     largest = max(settings.max_body_bytes, settings.max_upload_bytes)
     if settings.max_buffered_bytes < largest:
         raise ConfigError(

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, ClassVar, Literal
 
 from sd35 import metrics
 
 logger = logging.getLogger(__name__)
+
+# The longest retry hint sent. The openai SDKs wait as told only below a limit
+# (Python: up to 60 s; Node: under 60 s, retry-after-ms first) and otherwise
+# fall back to their own short backoff; a longer hint would be ignored.
+MAX_RETRY_AFTER_SECONDS = 59
+# The hint of a retryable 429 or 503 that names no delay of its own.
+DEFAULT_RETRY_AFTER_SECONDS = 1
 
 
 class APIError(Exception):
@@ -28,13 +36,24 @@ class APIError(Exception):
     type: ClassVar[str] = "server_error"
     # The openai SDKs retry 5xx twice by default; for failures that a retry
     # cannot fix that would triple the GPU work, so say so explicitly.
-    retryable: ClassVar[bool] = False
+    retryable: bool = False
 
-    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        if retryable is not None:
+            # This one failure differs from its kind: e.g. a model that failed
+            # to load is a 503 that no retry can fix.
+            self.retryable = retryable
 
 
 class ValidationError(APIError):
@@ -64,6 +83,14 @@ class InvalidURLError(APIError):
 
     def __init__(self, method: str, path: str) -> None:
         super().__init__(f"Invalid URL ({method} {path})")
+
+
+class ModelNotFoundError(APIError):
+    """A model that this server does not serve was looked up (OpenAI's code for it)."""
+
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
 
 
 class MethodNotAllowedError(APIError):
@@ -179,6 +206,26 @@ def surface_of(path: str) -> Surface:
     return "a1111" if path == A1111_PREFIX or path.startswith(A1111_PREFIX + "/") else "openai"
 
 
+def retry_headers(exc: APIError) -> dict[str, str]:
+    """``x-should-retry``, and for a retryable error a delay both openai SDKs honour.
+
+    Every retryable 429 and 503 carries ``retry-after`` (whole seconds) and
+    ``retry-after-ms``, at most :data:`MAX_RETRY_AFTER_SECONDS`: a longer wait
+    (a long queue of slow jobs) is not worth more than one retry after a minute.
+    A permanent failure (a model that failed to load) says ``x-should-retry:
+    false`` and gives no delay.
+    """
+    headers = {"x-should-retry": "true" if exc.retryable else "false"}
+    delay = exc.retry_after
+    if delay is None and exc.retryable and exc.status in (429, 503):
+        delay = DEFAULT_RETRY_AFTER_SECONDS
+    if delay is not None and exc.retryable:
+        seconds = min(max(delay, 0.001), MAX_RETRY_AFTER_SECONDS)
+        headers["retry-after"] = str(max(1, math.ceil(seconds)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(seconds * 1000)))
+    return headers
+
+
 def error_payload(exc: BaseException, surface: Surface = "openai") -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, JSON body and headers for any exception; unknown ones become a bare 500."""
     if not isinstance(exc, APIError):
@@ -194,9 +241,7 @@ def error_payload(exc: BaseException, surface: Surface = "openai") -> tuple[int,
             status = 422
     else:
         body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    headers = {"x-should-retry": "true" if exc.retryable else "false"}
-    if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    headers = retry_headers(exc)
     if isinstance(exc, MethodNotAllowedError) and exc.allow:
         headers["allow"] = ", ".join(exc.allow)
     return status, body, headers

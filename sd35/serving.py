@@ -35,9 +35,11 @@ from PIL import Image
 from sd35 import metrics, responses
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams, adapters
+from sd35.engine.params import SEED_MODULUS
 from sd35.errors import (
     ImageStoreError,
     ImageStoreFullError,
+    ModelNotFoundError,
     RequestTimeoutError,
     ValidationError,
     error_payload,
@@ -80,13 +82,26 @@ SEED_BITS = 32
 # region is painted anew.
 IMG2IMG_STRENGTH = 0.6
 INPAINT_STRENGTH = 1.0
+# input_fidelity=high: keep more of the input (OpenAI: match its features more closely).
+HIGH_FIDELITY_STRENGTH = 0.4
+
+Request = ImageGenerationRequest | ImageEditRequest | ImageVariationRequest
 
 
-def _encoding(request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest) -> tuple[OutputFormat, int]:
+def _encoding(request: Request) -> tuple[OutputFormat, int]:
     """The output format and compression a request asks for (variations have neither: PNG)."""
     output_format: OutputFormat = getattr(request, "output_format", None) or "png"
     compression = getattr(request, "output_compression", None)
     return output_format, 100 if compression is None else compression
+
+
+def _high_fidelity(request: ImageEditRequest | ImageVariationRequest) -> bool:
+    return getattr(request, "input_fidelity", None) == "high"
+
+
+def _shifted_preview(on_preview: Callable[[int, int, np.ndarray], None], start: int, image: int, *rest: Any) -> None:
+    """A chunk's previews, numbered among the whole request's images."""
+    on_preview(start + image, *rest)
 
 
 def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: int) -> responses.Parts:
@@ -133,19 +148,32 @@ class ImageServing:
         except TimeoutError:
             raise self._timed_out() from None
 
+    def check_n(self, n: int | None) -> int:
+        """The request's n, within 1..MAX_IMAGES_PER_REQUEST (the server's cap, not a fixed one)."""
+        n = 1 if n is None else n
+        cap = self.settings.max_images_per_request
+        if not 1 <= n <= cap:
+            raise ValidationError(
+                f"Invalid value for 'n': {n}; this server makes 1 to {cap} images per request "
+                f"(MAX_IMAGES_PER_REQUEST={cap}).",
+                param="n",
+            )
+        return n
+
     def params_for(self, request: ImageGenerationRequest) -> GenerationParams:
+        num_images = self.check_n(request.n)
         width, height = request.dimensions()
         return GenerationParams(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             width=width,
             height=height,
-            num_images=request.n or 1,
+            num_images=num_images,
             **self._defaults(request.seed, request.num_inference_steps, request.guidance_scale),
             **self._adapter(request),
         )
 
-    def _adapter(self, request: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest) -> dict:
+    def _adapter(self, request: Request) -> dict:
         adapter, scale = adapters.resolve(self.settings, request.model, request.lora_scale)
         return {"adapter": adapter, "lora_scale": scale}
 
@@ -213,6 +241,7 @@ class ImageServing:
         images are checked from their headers alone (a readable image within
         the pixel budget), as OpenAI refuses a bad one.
         """
+        num_images = self.check_n(request.n)
         if not uploads:
             raise ValidationError("Missing required file: 'image' (a PNG, JPEG or WebP image).", param="image")
         try:
@@ -235,14 +264,19 @@ class ImageServing:
         repaint = None
         if mask_image is not None:
             repaint = np.array(fit(Image.fromarray(repaint_mask(mask_image)), width, height, Image.NEAREST))
-        strength = request.strength or (IMG2IMG_STRENGTH if repaint is None else INPAINT_STRENGTH)
+        if request.strength:
+            strength = request.strength
+        elif repaint is not None:
+            strength = INPAINT_STRENGTH
+        else:
+            strength = HIGH_FIDELITY_STRENGTH if _high_fidelity(request) else IMG2IMG_STRENGTH
         negative = request.negative_prompt if isinstance(request, ImageEditRequest) else None
         return GenerationParams(
             prompt=request.prompt if isinstance(request, ImageEditRequest) else "",
             negative_prompt=negative,
             width=width,
             height=height,
-            num_images=request.n or 1,
+            num_images=num_images,
             init_image=np.array(fit(source.convert("RGB"), width, height, Image.LANCZOS)),
             mask=repaint,
             strength=strength,
@@ -258,6 +292,7 @@ class ImageServing:
         deadline: float | None = None,
     ) -> GenerationParams:
         """:meth:`edit_params` off the event loop (decoding images takes CPU time)."""
+        self.check_n(request.n)  # before any image is decoded
         deadline = self._deadline() if deadline is None else deadline
         return await self._within(deadline, self._in(self._decoders, self.edit_params, request, uploads, mask))
 
@@ -276,6 +311,70 @@ class ImageServing:
         """The JSON body of the response; ``base_url``: where clients reach this service, for `url` images."""
         return await self._respond(self.params_for(request), request, base_url, self._deadline())
 
+    def _chunks(self, params: GenerationParams) -> list[GenerationParams]:
+        """The request as engine jobs of at most MAX_BATCH_IMAGES (as the memory plan resolved it).
+
+        A request for more images than one pipeline call may hold is split
+        here, not left to the GPU: image i keeps seed + i, so the images are
+        the ones a single call would give.
+        """
+        size = max(1, self.engine.settings.max_batch_images)
+        if params.num_images <= size:
+            return [params]
+        chunks = []
+        for start in range(0, params.num_images, size):
+            on_preview = params.on_preview
+            if on_preview is not None:
+                on_preview = functools.partial(_shifted_preview, on_preview, start)
+            chunks.append(
+                replace(
+                    params,
+                    num_images=min(size, params.num_images - start),
+                    seed=(params.seed + start) % SEED_MODULUS,
+                    on_preview=on_preview,
+                )
+            )
+        return chunks
+
+    def _submit(self, params: GenerationParams) -> list[Any]:
+        """Queue every chunk of the request; if one is refused (queue full), none stays queued."""
+        queue = self.engine.settings.max_queue_images
+        if params.num_images > queue:
+            # Chunks would each fit, but together never: the 400 the engine gives a request this large.
+            raise ValidationError(
+                f"n={params.num_images} is more than this server queues at once (MAX_QUEUE_IMAGES={queue}); "
+                "ask for fewer images.",
+                param="n",
+            )
+        jobs: list[Any] = []
+        try:
+            for chunk in self._chunks(params):
+                jobs.append(self.engine.submit(chunk))
+        except BaseException:
+            for job in jobs:
+                self.engine.cancel(job)
+            raise
+        return jobs
+
+    async def _results(self, jobs: list[Any], timeout: float | None = None) -> list[np.ndarray]:
+        """The images of every job in order; the first failure (or the timeout) cancels the rest."""
+        if len(jobs) == 1:
+            return await self.engine.result(jobs[0], timeout)
+        waits = [asyncio.ensure_future(self.engine.result(job, timeout)) for job in jobs]
+        try:
+            parts = await asyncio.gather(*waits)
+        except BaseException:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            raise
+        return [image for part in parts for image in part]
+
+    async def run(self, params: GenerationParams, timeout: float | None = None) -> list[np.ndarray]:
+        """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order, however many batches it takes
+        (``engine.generate`` for requests of any size; ``timeout``: REQUEST_TIMEOUT when None)."""
+        return await self._results(self._submit(params), timeout)
+
     async def _respond(
         self,
         params: GenerationParams,
@@ -289,7 +388,7 @@ class ImageServing:
             await self._check_room(deadline)
         loop = asyncio.get_running_loop()
         try:
-            images = await self.engine.generate(params, timeout=max(deadline - loop.time(), 0))
+            images = await self.run(params, timeout=max(deadline - loop.time(), 0))
         except RequestTimeoutError:
             raise self._timed_out() from None
         if url:
@@ -304,6 +403,7 @@ class ImageServing:
         else:
             jobs = (self._in(self._encoders, _encode_b64, px, output_format, compression) for px in images)
             items = await self._within(deadline, asyncio.gather(*jobs))
+        counted = self._in(self._encoders, self.engine.usage, params)
         metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
         return responses.images_body(
             int(time.time()),
@@ -311,6 +411,7 @@ class ImageServing:
             background="opaque",
             output_format=output_format,
             size=format_size(params.width, params.height),
+            usage=await counted,
         )
 
     def stream(
@@ -332,7 +433,7 @@ class ImageServing:
             loop.call_soon_threadsafe(previews.put_nowait, (image, index, preview))
 
         params = replace(params, partial_images=request.partial_images or 0, on_preview=on_preview)
-        job = self.engine.submit(params)
+        jobs = self._submit(params)
         output_format, compression = _encoding(request)
         common = {
             "background": "opaque",
@@ -350,7 +451,7 @@ class ImageServing:
             return responses.event(f"{kind}.partial_image", payload, encoded(full))
 
         async def events() -> AsyncIterator[bytes]:
-            done = asyncio.ensure_future(self.engine.result(job))
+            done = asyncio.ensure_future(self._results(jobs))
             waiting: asyncio.Future[tuple[int, int, np.ndarray]] | None = None
             try:
                 while not done.done() or not previews.empty():
@@ -366,13 +467,9 @@ class ImageServing:
                     _, body, _ = error_payload(exc)
                     yield responses.event("error", body)
                     return
-                tokens = self.engine.count_prompt_tokens(params.prompt) or 0
-                usage = {
-                    "input_tokens": tokens,
-                    "input_tokens_details": {"image_tokens": 0, "text_tokens": tokens},
-                    "output_tokens": 0,
-                    "total_tokens": tokens,
-                }
+                usage = await self._in(self._encoders, self.engine.usage, params)
+                # OpenAI's stream events carry usage without output details (ImagesUsage, not ImageGenUsage).
+                usage.pop("output_tokens_details", None)
                 finals = [self._in(self._encoders, encoded, pixels) for pixels in images]
                 for index, final in enumerate(finals):
                     payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
@@ -407,6 +504,15 @@ class ImageServing:
     async def offload(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the encoding pool: CPU work (decoding, encoding) kept off the event loop."""
         return await self._in(self._encoders, work, *args)
+
+    def model(self, name: str) -> ModelCard:
+        """One model that :meth:`models` lists, by its exact id; anything else is OpenAI's ``model_not_found``."""
+        card = next((card for card in self.models().data if card.id == name), None)
+        if card is None:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist; GET /v1/models lists the models served here.", param="model"
+            )
+        return card
 
     def close(self) -> None:
         for pool in (self._encoders, self._decoders, self._storers):

@@ -117,6 +117,9 @@ def test_explicit_defaults_override_the_model() -> None:
         ("DEVICE", "tpu"),
         ("MAX_QUEUE_IMAGES", "0"),
         ("MAX_BATCH_IMAGES", "x"),
+        ("MAX_IMAGES_PER_REQUEST", "0"),
+        ("MAX_IMAGES_PER_REQUEST", "11"),
+        ("MAX_IMAGES_PER_REQUEST", "four"),
         ("REQUEST_TIMEOUT", "0"),
         ("MAX_BODY_BYTES", "10"),
         ("LOG_LEVEL", "loud"),
@@ -147,6 +150,15 @@ def test_buffered_bytes_must_hold_the_largest_body() -> None:
     assert settings.max_buffered_bytes == settings.max_upload_bytes == 8 << 20
     with pytest.raises(ConfigError, match="MAX_UPLOAD_BYTES"):
         load_settings({"MAX_BUFFERED_BYTES": str(8 << 20), "MAX_UPLOAD_BYTES": str(9 << 20)})
+
+
+def test_max_images_per_request() -> None:
+    assert load_settings({}).max_images_per_request == 4
+    assert load_settings({"MAX_IMAGES_PER_REQUEST": "10"}).max_images_per_request == 10
+    # The default cap stays valid beside a small queue (whose own 400 names MAX_QUEUE_IMAGES); a cap set above it not.
+    assert load_settings({"MAX_QUEUE_IMAGES": "2"}).max_images_per_request == 4
+    with pytest.raises(ConfigError, match="MAX_IMAGES_PER_REQUEST=8 is invalid: expected at most MAX_QUEUE_IMAGES"):
+        load_settings({"MAX_IMAGES_PER_REQUEST": "8", "MAX_QUEUE_IMAGES": "6"})
 
 
 def test_blank_values_mean_unset() -> None:

@@ -185,7 +185,7 @@ BAD_UPLOADS = [
     ([("image", ("a.png", png(photo()), "image/png"))], {"prompt": ""}, "prompt", "at least 1"),
     ([("image", ("a.png", png(photo()), "image/png"))], {"strength": "0"}, "strength", "greater than 0"),
     ([("image", ("a.png", png(photo()), "image/png"))], {"strength": "1.5"}, "strength", "less than or equal to 1"),
-    ([("image", ("a.png", png(photo()), "image/png"))], {"n": "5"}, "n", "less than or equal to 4"),
+    ([("image", ("a.png", png(photo()), "image/png"))], {"n": "5"}, "n", "(MAX_IMAGES_PER_REQUEST=4)"),
     ([("image", ("a.png", png(photo()), "image/png"))], {"size": "1000x1000"}, "size", "multiple of 16"),
 ]
 

@@ -109,7 +109,8 @@ def test_load_loses_and_mixes_up_nothing(server: Server) -> None:
         assert np.abs(image - references[key]).max() <= 1, f"{key} came back as another request's image"
     for _, _, payload, headers in limited:
         assert payload["error"]["code"] == "rate_limit_exceeded"
-        assert int(headers["retry-after"]) >= 1
+        # Both openai SDKs wait as told only below 60 s (Node: retry-after-ms first, under 60 000).
+        assert 1 <= int(headers["retry-after"]) <= 59 and 1 <= int(headers["retry-after-ms"]) <= 59_000
     assert health and set(health) == {200}, "the server must answer /health throughout"
     memory_after = rss_bytes(server.process.pid)
     assert memory_after - memory_before < 300 * 1024 * 1024, (memory_before, memory_after)

@@ -50,7 +50,8 @@ def test_probes_answer_while_loading_then_ready(tiny_model_dir: Path, monkeypatc
         response = client.post(GEN, json=BODY, headers={"Authorization": "Bearer k"})
         error = assert_openai_error(response, 503, "model_not_loaded")
         assert "loading" in error["message"]
-        assert response.headers["retry-after"] == "10"
+        assert response.headers["retry-after"] == "10" and response.headers["retry-after-ms"] == "10000"
+        assert response.headers["x-should-retry"] == "true"
         release.set()
         from tests.conftest import wait_ready
 
@@ -84,6 +85,8 @@ def test_failed_load_is_reported_not_crashed(tmp_path: Path, model_id: str, word
         error = assert_openai_error(response, 503, "model_not_loaded")
         assert "failed to load" in error["message"] and words in error["message"]
         assert "retry-after" not in response.headers, "retrying cannot fix a failed load"
+        assert "retry-after-ms" not in response.headers
+        assert response.headers["x-should-retry"] == "false", "the openai SDKs would retry a 503 twice otherwise"
 
 
 def test_offline_hub_download_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

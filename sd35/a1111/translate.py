@@ -23,7 +23,6 @@ from sd35.config import MAX_LORA_SCALE, Settings
 from sd35.engine.params import SEED_MODULUS, GenerationParams
 from sd35.errors import ValidationError
 from sd35.imaging import MAX_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, UploadError, auto_size, fit, read_upload
-from sd35.protocol import MAX_IMAGES_PER_REQUEST
 
 SAMPLER = "Euler"
 SAMPLER_ALIASES = ["k_euler", "euler", "flow_match_euler", "FlowMatchEulerDiscreteScheduler"]
@@ -254,9 +253,13 @@ def plan(
     adapter, scale = _adapter(settings, checkpoint, networks)
 
     batch_size, n_iter = request.batch_size or 1, request.n_iter or 1
-    if batch_size > MAX_IMAGES_PER_REQUEST:
+    # One iteration is one engine job (progress, interrupt and skip follow it), so it must fit one pipeline call.
+    most = min(settings.max_images_per_request, settings.max_batch_images)
+    if batch_size > most:
         raise ValidationError(
-            f"Invalid value for 'batch_size': {batch_size} is more than {MAX_IMAGES_PER_REQUEST} images at once; "
+            f"Invalid value for 'batch_size': {batch_size} is more than {most} images at once "
+            f"(MAX_IMAGES_PER_REQUEST={settings.max_images_per_request}, "
+            f"MAX_BATCH_IMAGES={settings.max_batch_images}); "
             "use n_iter for more.",
             param="batch_size",
         )

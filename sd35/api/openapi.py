@@ -14,14 +14,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Invalid request (`validation_error`); `param` names the field.",
         401: "Missing or wrong API key (`authentication_error`).",
-        429: "Too much queued work (`rate_limit_exceeded`); see `Retry-After`.",
+        408: "The request body stopped arriving, or arrived too slowly "
+        "(`request_timeout`; BODY_READ_TIMEOUT, BODY_MIN_RATE).",
+        429: "Too much queued work (`rate_limit_exceeded`); `retry-after` / `retry-after-ms` say when to retry.",
         500: "`gpu_out_of_memory`, `generation_failed` or `internal_error`.",
         502: "A `url` image was made but the image store failed or did not answer (`image_store_failed`).",
-        503: "The model is loading or failed to load (`model_not_loaded`).",
+        503: "The model is loading (`model_not_loaded`, with `retry-after`) or failed to load (`model_not_loaded`, "
+        "`x-should-retry: false`); too many request bodies are being read at once (`server_busy`, with "
+        "`retry-after`); or the server is shutting down (`service_unavailable`).",
         504: "The request outlived REQUEST_TIMEOUT (`timeout`).",
         507: "The image store is full of images that have not expired (`image_store_full`); use `b64_json`.",
     }.items()
 }
+
+# What every retryable 429 and 503 carries; the openai SDKs wait as told (below 60 s) before retrying.
+RETRY_HEADERS = {
+    "retry-after": {"description": "Seconds to wait before retrying, 1–59.", "schema": {"type": "integer"}},
+    "retry-after-ms": {"description": "The same delay in milliseconds.", "schema": {"type": "integer"}},
+    "x-should-retry": {
+        "description": "`false` when retrying cannot help (a model that failed to load), else `true`.",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+}
+for _status in (429, 503):
+    ERRORS[_status]["headers"] = RETRY_HEADERS
 
 STREAMING: dict[int | str, dict[str, Any]] = {
     200: {

@@ -31,7 +31,7 @@ import numpy as np
 
 from sd35 import metrics
 from sd35.config import Settings
-from sd35.engine import loading
+from sd35.engine import loading, usage
 from sd35.engine.calls import CallInterrupted, CallWatch, PipelineRunner
 from sd35.engine.memory import MemoryPlan, component_bytes
 from sd35.engine.params import GenerationParams
@@ -298,10 +298,9 @@ class GenerationEngine:
         """The request's images as ``(H, W, 3)`` uint8 arrays, in seed order."""
         return await self.result(self.submit(params), timeout)
 
-    def count_prompt_tokens(self, prompt: str) -> int | None:
-        """Tokens of the prompt as the first text encoder's tokenizer counts them (before truncation)."""
-        tokenizer = getattr(self.pipeline, "tokenizer", None)
-        return None if tokenizer is None else len(tokenizer(prompt, truncation=False).input_ids)
+    def usage(self, params: GenerationParams) -> dict[str, Any]:
+        """OpenAI's ``usage`` object for a request, as the loaded pipeline counts it (:mod:`sd35.engine.usage`)."""
+        return usage.usage(self.pipeline, params)
 
     async def result(self, job: _Job, timeout: float | None = None) -> list[np.ndarray]:
         """Wait for a submitted job; giving up (timeout, cancellation) drops it from the queue or the batch."""
@@ -321,9 +320,10 @@ class GenerationEngine:
     def submit(self, params: GenerationParams) -> _Job:
         status = self._status
         if not status.loaded:
+            failed = "failed" in (status.detail or "")
+            # A failed load is permanent until the operator acts: no retry can fix it.
             raise ModelNotLoadedError(
-                f"The model is not ready: {status.detail}.",
-                retry_after=None if "failed" in (status.detail or "") else 10,
+                f"The model is not ready: {status.detail}.", retry_after=None if failed else 10, retryable=not failed
             )
         if params.num_images > self.settings.max_queue_images:
             raise ValidationError(
@@ -348,6 +348,11 @@ class GenerationEngine:
             self._cond.notify()
         job.future.add_done_callback(self._forget_if_cancelled)
         return job
+
+    def cancel(self, job: _Job) -> None:
+        """Nobody will wait for this job: it leaves the queue, or its running batch may stop."""
+        job.abandoned = True
+        job.future.cancel()
 
     def _forget_if_cancelled(self, future: concurrent.futures.Future) -> None:
         """A request that timed out or whose client left gives its place back at once."""
