@@ -225,9 +225,15 @@ def _all_errors(kind: type[errors.APIError]) -> Iterator[type[errors.APIError]]:
         yield from _all_errors(sub)
 
 
+def _example(kind: type[errors.APIError]) -> errors.APIError:
+    if kind is errors.InvalidURLError:  # OpenAI's own words: made from the request line
+        return errors.InvalidURLError("GET", "/v1/nope")
+    return kind("A message.", param="n")
+
+
 @pytest.mark.parametrize("kind", sorted(set(_all_errors(errors.APIError)), key=lambda k: k.__name__))
 def test_every_error_sd35_can_raise_conforms(kind: type[errors.APIError]) -> None:
-    status, body, raw_headers = errors.error_bytes(kind("A message.", param="n"))
+    status, body, raw_headers = errors.error_bytes(_example(kind))
     assert_conforms(json.loads(body), ERROR_SCHEMA)
     headers = {name.decode(): value.decode() for name, value in raw_headers}
     assert headers["x-should-retry"] in ("true", "false")
