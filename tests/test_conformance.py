@@ -228,6 +228,8 @@ def _all_errors(kind: type[errors.APIError]) -> Iterator[type[errors.APIError]]:
 def _example(kind: type[errors.APIError]) -> errors.APIError:
     if kind is errors.InvalidURLError:  # OpenAI's own words: made from the request line
         return errors.InvalidURLError("GET", "/v1/nope")
+    if kind is errors.MethodNotAllowedError:
+        return errors.MethodNotAllowedError.for_route("GET", "/v1/images/generations", ("POST",))
     return kind("A message.", param="n")
 
 
