@@ -13,6 +13,7 @@ from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
 from sd35.engine.loading import refuse_cpu_fallback
 from sd35.engine.refusal import LoadRefusedError
+from sd35.keys import KeySource
 from sd35.lifecycle import (
     SHUTDOWN_MARGIN_SECONDS,
     Stopping,
@@ -28,6 +29,7 @@ from sd35.middleware import (
     RequestIdMiddleware,
     adopt_bentoml_traffic_errors,
 )
+from sd35.quotas import QuotaLedger, default_database
 
 try:
     settings = load_settings()
@@ -40,6 +42,9 @@ if bentoml.server_context.worker_index is not None:  # a worker, not the arbiter
     exit_with_parent()
 # Set on SIGTERM: request bodies still arriving are answered 503 at once.
 stopping = Stopping()
+# The keys in force (API_KEY, API_KEYS_FILE reloaded while serving) and the quotas that all workers share.
+keys = KeySource.from_settings(settings)
+quotas = QuotaLedger(default_database())
 
 app = create_app()
 
@@ -66,12 +71,14 @@ class SD35:
             settings,
             worker_index=bentoml.server_context.worker_index or 1,
             on_ready=lambda seconds: logging.getLogger("sd35").info(ready_line(settings.host, port, seconds)),
+            policy=keys,
         )
         self.engine.start()
+        keys.start()
         store = make_image_store(settings)
         self.sweeper = Sweeper(store)
         self.sweeper.start()
-        self.serving = ImageServing(settings, self.engine, store)
+        self.serving = ImageServing(settings, self.engine, store, quotas, keys)
         app.state.serving = self.serving
         on_termination(self.terminate)
 
@@ -98,6 +105,8 @@ class SD35:
         self.engine.close(wait_seconds=settings.shutdown_grace_seconds)
         self.serving.close()
         self.sweeper.stop()
+        keys.stop()
+        quotas.close()
 
 
 # The first added is the outermost: CORS answers preflights and decorates every
@@ -116,7 +125,7 @@ if settings.cors_allow_origins:
     )
 SD35.add_asgi_middleware(RequestIdMiddleware)
 SD35.add_asgi_middleware(OpenAIErrorMiddleware)
-SD35.add_asgi_middleware(BearerAuthMiddleware, api_keys=settings.api_keys)
+SD35.add_asgi_middleware(BearerAuthMiddleware, keys=keys, quotas=quotas)
 SD35.add_asgi_middleware(
     BodySizeLimitMiddleware,
     max_body_bytes=settings.max_body_bytes,

@@ -8,13 +8,17 @@ from contextvars import ContextVar
 
 # Set per request by sd35.middleware.RequestIdMiddleware; "-" outside requests.
 REQUEST_ID: ContextVar[str] = ContextVar("sd35_request_id", default="-")
+# The name of the caller's API key (never the key itself), set by
+# sd35.auth.BearerAuthMiddleware; "-" when authentication is off or the route is public.
+KEY_NAME: ContextVar[str] = ContextVar("sd35_key_name", default="-")
 
-_FORMAT = "%(asctime)s [%(levelname)s] [sd35] [req=%(request_id)s] %(message)s"
+_FORMAT = "%(asctime)s [%(levelname)s] [sd35] [req=%(request_id)s key=%(key_name)s] %(message)s"
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        record.key_name = KEY_NAME.get()
         return True
 
 

@@ -27,7 +27,7 @@ from sd35.errors import (
     MethodNotAllowedError,
     ModelNotLoadedError,
     NotFoundError,
-    RateLimitError,
+    QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
     UploadsBusyError,
@@ -47,7 +47,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     405: MethodNotAllowedError,
     413: ValidationError,
     422: ValidationError,
-    429: RateLimitError,
+    429: QueueFullError,  # BentoML's own 429 (traffic.max_concurrency): the server is full
     503: ModelNotLoadedError,
     504: RequestTimeoutError,
 }

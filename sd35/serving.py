@@ -1,8 +1,9 @@
 """OpenAI image serving: turns a validated request into engine work and a response.
 
 Between the HTTP layer (``sd35.api``) and the engine: it resolves defaults,
-rejects what this server cannot do, and encodes images on a thread pool so the
-engine's worker is free for the next batch while bytes are being compressed.
+rejects what this server cannot do, counts images against the caller's quota
+(:mod:`sd35.quotas`), and encodes images on a thread pool so the engine's
+worker is free for the next batch while bytes are being compressed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from PIL import Image
 from sd35 import metrics, responses
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams, adapters
-from sd35.errors import ImageStoreError, ValidationError, error_payload
+from sd35.engine.worker import Job
+from sd35.errors import APIError, ImageStoreError, TooManyRequestsError, ValidationError, error_payload
 from sd35.imaging import (
     OutputFormat,
     UploadError,
@@ -37,6 +39,8 @@ from sd35.imaging import (
     read_upload,
     repaint_mask,
 )
+from sd35.keys import CURRENT_KEY, KeySource
+from sd35.logs import KEY_NAME
 from sd35.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -44,6 +48,7 @@ from sd35.protocol import (
     ModelCard,
     ModelList,
 )
+from sd35.quotas import QuotaLedger
 from sd35.storage import ImageStore
 
 logger = logging.getLogger(__name__)
@@ -67,10 +72,19 @@ def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: in
 
 
 class ImageServing:
-    def __init__(self, settings: Settings, engine: GenerationEngine, store: ImageStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: GenerationEngine,
+        store: ImageStore,
+        quotas: QuotaLedger | None = None,
+        keys: KeySource | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.quotas = quotas or QuotaLedger()
+        self.keys = keys or KeySource(settings.api_keys, max_queue_images=settings.max_queue_images)
         self.created = int(time.time())
         self._encoders = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="sd35-encode"
@@ -175,6 +189,23 @@ class ImageServing:
         """The JSON body of the response; ``base_url``: where clients reach this service, for `url` images."""
         return await self._respond(self.params_for(request), request, base_url)
 
+    def submit(self, params: GenerationParams) -> Job:
+        """Queue the work, counting its images against the caller's quota first (given back if it is not queued)."""
+        key = CURRENT_KEY.get()
+        limit = key.images_per_minute if key is not None else 0
+        try:
+            if limit:
+                self.quotas.take(key.name, limit, params.num_images)
+            try:
+                return self.engine.submit(params)
+            except APIError:
+                if limit:
+                    self.quotas.give_back(key.name, limit, params.num_images)
+                raise
+        except TooManyRequestsError as refused:
+            metrics.KEY_REJECTED.labels(key=KEY_NAME.get(), code=refused.code).inc()
+            raise
+
     async def _respond(
         self,
         params: GenerationParams,
@@ -182,7 +213,8 @@ class ImageServing:
         base_url: str,
     ) -> bytes:
         output_format, compression = _encoding(request)
-        images = await self.engine.generate(params)
+        started = time.monotonic()
+        images = await self.engine.result(self.submit(params))
         loop = asyncio.get_running_loop()
         if request.response_format == "url":
             jobs = [
@@ -193,6 +225,7 @@ class ImageServing:
             jobs = [loop.run_in_executor(self._encoders, _encode_b64, px, output_format, compression) for px in images]
         items = await asyncio.gather(*jobs)
         metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
+        metrics.KEY_REQUEST_SECONDS.labels(key=KEY_NAME.get()).observe(time.monotonic() - started)
         return responses.images_body(
             int(time.time()),
             items,
@@ -220,7 +253,8 @@ class ImageServing:
             loop.call_soon_threadsafe(previews.put_nowait, (image, index, preview))
 
         params = replace(params, partial_images=request.partial_images or 0, on_preview=on_preview)
-        job = self.engine.submit(params)
+        started, key_name = time.monotonic(), KEY_NAME.get()
+        job = self.submit(params)
         output_format, compression = _encoding(request)
         common = {
             "background": "opaque",
@@ -265,6 +299,7 @@ class ImageServing:
                     payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
                     yield responses.event(f"{kind}.completed", payload, await final)
                 metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(images))
+                metrics.KEY_REQUEST_SECONDS.labels(key=key_name).observe(time.monotonic() - started)
             finally:
                 if not done.done():
                     done.cancel()
