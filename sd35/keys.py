@@ -215,11 +215,14 @@ def parse_keys(text: str, path: Path | str = "<keys>") -> tuple[ApiKey, ...]:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        found = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        problem = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
-        if found is None:
-            raise KeyFileError(path, f"not valid TOML: {problem}") from None
-        raise KeyFileError(path, f"not valid TOML: {problem} (column {found[2]})", int(found[1])) from None
+        # tomllib says "(at line L, column C)", or "(at end of document)"
+        message = str(exc)
+        problem = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
+        found = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        if found is not None:
+            raise KeyFileError(path, f"not valid TOML: {problem} (column {found[2]})", int(found[1])) from None
+        last = max(1, len(text.splitlines()))
+        raise KeyFileError(path, f"not valid TOML: {problem} (at the end of the file)", last) from None
     lines = text.splitlines()
     unknown = sorted(set(document) - {"keys"})
     if unknown:
