@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.cpu import _commit
 from bench.harness import machine, serve_process
 from sd35.tiny import write_tiny_pipeline
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report = [f"# Fair queueing benchmark — {date.today().isoformat()}", "", f"Machine: {machine()}", ""]
     report += [
-        f"Load average (1/5/15 min) at the start: {_load()}. "
+        f"Commit: {_commit()}. Load average (1/5/15 min) at the start: {_load()}. "
         f"Scenario: {args.flood_clients} clients of key `batch-job` sending n={args.flood_n} back to back; one client "
         f"of key `chat` sending n=1, {args.chat_requests} requests one after the other per round; "
         f"{args.size}², {args.steps} steps, MAX_BATCH_IMAGES={args.max_batch_images}; {args.rounds} rounds, "

@@ -122,7 +122,7 @@ class Settings:
 
     def summary(self) -> str:
         """The settings worth a start-up log line; never a key or a token."""
-        sources = [f"{len(self.api_keys)} API_KEY key{'s' if len(self.api_keys) > 1 else ''}"] if self.api_keys else []
+        sources = [f"{len(self.api_keys)} key{'s' if len(self.api_keys) > 1 else ''}"] if self.api_keys else []
         if self.api_keys_file is not None:
             sources.append(f"API_KEYS_FILE={self.api_keys_file}")
         auth = f"on ({', '.join(sources)})" if sources else "off"

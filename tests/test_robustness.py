@@ -186,7 +186,7 @@ def test_client_that_disconnects_while_queued_frees_its_place(blocked_engine: An
         blocker = await _hold_worker(blocked_engine)
         with pytest.raises(ClientDisconnectedError):
             await unless_disconnected(FakeDisconnectingRequest(0.05), blocked_engine.generate(params(1, "gone")))
-        assert blocked_engine._queued_images == 0, "the place in the queue is free again"
+        assert blocked_engine.queued_images == 0, "the place in the queue is free again"
         blocked_engine.pipeline.gate.set()
         await blocker
         await blocked_engine.generate(params(2, "stayed"))

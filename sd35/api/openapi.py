@@ -13,7 +13,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Invalid request (`validation_error`); `param` names the field.",
         401: "Missing or wrong API key (`authentication_error`).",
-        429: "Too much queued work (`rate_limit_exceeded`); see `Retry-After`.",
+        429: "The API key is over its quota (`rate_limit_exceeded`), or the queue is full (`queue_full`); "
+        "see `Retry-After`.",
         500: "`gpu_out_of_memory`, `generation_failed` or `internal_error`.",
         503: "The model is loading or failed to load (`model_not_loaded`).",
         504: "The request outlived REQUEST_TIMEOUT (`timeout`).",
