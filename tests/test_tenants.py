@@ -268,6 +268,8 @@ def test_a_quota_holds_for_the_whole_server_not_per_worker(workers: Server) -> N
     assert int(refused.value.response.headers["retry-after"]) <= 60
     rejected = by_key(workers, "sd35_key_rejected_total")
     assert rejected.get("capped") == 7
+    # the workers' one ledger, where BentoML keeps their shared metrics
+    assert (workers.log.parent / "bentoml" / "prometheus_multiproc_dir" / "sd35-quotas.sqlite3").is_file()
 
 
 def _status(server: Server, key: str) -> int:
