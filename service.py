@@ -120,7 +120,13 @@ if settings.cors_allow_origins:
         allow_origins=list(settings.cors_allow_origins),
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["authorization", "content-type"],
-        expose_headers=["x-request-id", "retry-after"],
+        expose_headers=[
+            "x-request-id",
+            "retry-after",
+            "x-ratelimit-limit-images",
+            "x-ratelimit-remaining-images",
+            "x-ratelimit-reset-images",
+        ],
         max_age=600,
     )
 SD35.add_asgi_middleware(RequestIdMiddleware)

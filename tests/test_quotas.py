@@ -117,7 +117,8 @@ def keyed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "[keys.free]\nkey = 'sk-free'\n\n"
         "[keys.watcher]\nkey = 'sk-watcher'\nadmin = true\n"
     )
-    with service_client({"MODEL_ID": str(tiny_model_dir), "API_KEYS_FILE": str(path), "WARMUP": "false"}) as client:
+    env = {"MODEL_ID": str(tiny_model_dir), "API_KEYS_FILE": str(path), "WARMUP": "false"}
+    with service_client({**env, "CORS_ALLOW_ORIGINS": "https://chat.example.com"}) as client:
         yield client
 
 
@@ -145,6 +146,9 @@ def test_over_quota_is_a_429_with_headers_on_every_response(keyed: TestClient) -
 
     never = keyed.post(GEN, json={**BODY, "n": 4}, headers=auth("sk-capped"))
     assert_openai_error(never, 400, "validation_error", param="n")
+
+    from_a_page = keyed.get("/v1/models", headers={**auth("sk-capped"), "Origin": "https://chat.example.com"})
+    assert "x-ratelimit-remaining-images" in from_a_page.headers["access-control-expose-headers"], "readable by pages"
 
     free = keyed.post(GEN, json=BODY, headers=auth("sk-free"))
     assert free.status_code == 200 and "x-ratelimit-limit-images" not in free.headers, "no quota, no headers"

@@ -160,7 +160,7 @@ def _images(text: str) -> dict[str, float]:
 def test_weights_set_the_shares_of_two_flooding_keys(server: Server) -> None:
     # Twice as many clients per key as a call holds images, so that both keys stay backlogged while a call runs
     # (a key whose every request is in the running call or on its way back has nothing queued: not its turn).
-    before, after = asyncio.run(_flood(server.url, {"heavy": 8, "light": 8}, seconds=8, watch=2))
+    before, after = asyncio.run(_flood(server.url, {"heavy": 8, "light": 8}, seconds=6, watch=1.5))
     heavy = after["heavy"] - before.get("heavy", 0)
     light = after["light"] - before.get("light", 0)
     assert light > 0 and 2 <= heavy / light <= 4.5, (heavy, light)
@@ -169,7 +169,7 @@ def test_weights_set_the_shares_of_two_flooding_keys(server: Server) -> None:
 def test_a_lone_key_gets_the_whole_gpu_whatever_its_weight(server: Server) -> None:
     calls = samples(server, "sd35_batch_images_count")[()]
     images = samples(server, "sd35_batch_images_sum")[()]
-    before, after = asyncio.run(_flood(server.url, {"slow-lane": 8}, seconds=5, watch=0.5))
+    before, after = asyncio.run(_flood(server.url, {"slow-lane": 8}, seconds=4, watch=0.5))
     calls = samples(server, "sd35_batch_images_count")[()] - calls
     images = samples(server, "sd35_batch_images_sum")[()] - images
     # Work-conserving: nothing else waits, so its weight of 0.1 does not hold it back; calls are full (4 images).
