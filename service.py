@@ -13,7 +13,7 @@ from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
 from sd35.engine.loading import refuse_cpu_fallback
 from sd35.engine.refusal import LoadRefusedError
-from sd35.keys import KeySource
+from sd35.keys import KeyFileError, KeySource
 from sd35.lifecycle import (
     SHUTDOWN_MARGIN_SECONDS,
     Stopping,
@@ -33,7 +33,9 @@ from sd35.quotas import QuotaLedger, default_database
 
 try:
     settings = load_settings()
-except ConfigError as exc:
+    # The keys in force (API_KEY, API_KEYS_FILE reloaded while serving).
+    keys = KeySource.from_settings(settings)
+except (ConfigError, KeyFileError) as exc:
     sys.exit(f"sd35: configuration error: {exc}")
 configure_logging(settings.log_level)
 adopt_bentoml_traffic_errors()
@@ -42,8 +44,7 @@ if bentoml.server_context.worker_index is not None:  # a worker, not the arbiter
     exit_with_parent()
 # Set on SIGTERM: request bodies still arriving are answered 503 at once.
 stopping = Stopping()
-# The keys in force (API_KEY, API_KEYS_FILE reloaded while serving) and the quotas that all workers share.
-keys = KeySource.from_settings(settings)
+# The quotas, which all workers share.
 quotas = QuotaLedger(default_database())
 
 app = create_app()

@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import re
 import secrets
 import sys
@@ -443,5 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.umask(0o077)
     sys.exit(main())
