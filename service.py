@@ -13,6 +13,7 @@ from sd35.auth import BearerAuthMiddleware
 from sd35.config import ConfigError, load_settings
 from sd35.engine.loading import refuse_cpu_fallback
 from sd35.engine.refusal import LoadRefusedError
+from sd35.keys import KeyFileError, KeySource
 from sd35.lifecycle import (
     SHUTDOWN_MARGIN_SECONDS,
     Stopping,
@@ -29,10 +30,13 @@ from sd35.middleware import (
     adopt_bentoml_traffic_errors,
     install_edge,
 )
+from sd35.quotas import QuotaLedger, default_database
 
 try:
     settings = load_settings()
-except ConfigError as exc:
+    # The keys in force (API_KEY, API_KEYS_FILE reloaded while serving).
+    keys = KeySource.from_settings(settings)
+except (ConfigError, KeyFileError) as exc:
     sys.exit(f"sd35: configuration error: {exc}")
 configure_logging(settings.log_level)
 adopt_bentoml_traffic_errors()
@@ -42,6 +46,8 @@ if bentoml.server_context.worker_index is not None:  # a worker, not the arbiter
     exit_with_parent()
 # Set on SIGTERM: request bodies still arriving are answered 503 at once.
 stopping = Stopping()
+# The quotas, which all workers share.
+quotas = QuotaLedger(default_database())
 
 app = create_app()
 
@@ -68,12 +74,14 @@ class SD35:
             settings,
             worker_index=bentoml.server_context.worker_index or 1,
             on_ready=lambda seconds: logging.getLogger("sd35").info(ready_line(host, port, seconds)),
+            policy=keys,
         )
         self.engine.start()
+        keys.start()
         store = make_image_store(settings)
         self.sweeper = Sweeper(store)
         self.sweeper.start()
-        self.serving = ImageServing(settings, self.engine, store)
+        self.serving = ImageServing(settings, self.engine, store, quotas, keys)
         app.state.serving = self.serving
         on_termination(self.terminate)
 
@@ -100,6 +108,8 @@ class SD35:
         self.engine.close(wait_seconds=settings.shutdown_grace_seconds)
         self.serving.close()
         self.sweeper.stop()
+        keys.stop()
+        quotas.close()
 
 
 # The first added is the outermost (sd35.middleware lists the whole stack,
@@ -116,11 +126,20 @@ if settings.cors_allow_origins:
         allow_origins=list(settings.cors_allow_origins),
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["authorization", "content-type"],
-        expose_headers=["x-request-id", "openai-processing-ms", "retry-after", "retry-after-ms", "x-should-retry"],
+        expose_headers=[
+            "x-request-id",
+            "openai-processing-ms",
+            "retry-after",
+            "retry-after-ms",
+            "x-should-retry",
+            "x-ratelimit-limit-images",
+            "x-ratelimit-remaining-images",
+            "x-ratelimit-reset-images",
+        ],
         max_age=600,
     )
 SD35.add_asgi_middleware(RouteGate)
-SD35.add_asgi_middleware(BearerAuthMiddleware, api_keys=settings.api_keys)
+SD35.add_asgi_middleware(BearerAuthMiddleware, keys=keys, quotas=quotas)
 SD35.add_asgi_middleware(
     BodySizeLimitMiddleware,
     max_body_bytes=settings.max_body_bytes,

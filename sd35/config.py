@@ -77,6 +77,8 @@ class Settings:
     model_id: str = DEFAULT_MODEL_ID
     hf_token: str | None = field(default=None, repr=False)
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Named keys with quotas and weights (sd35.keys), reloaded while serving.
+    api_keys_file: Path | None = None
     host: str = "0.0.0.0"
     port: int = 8000
     enable_cache_dit: bool = False
@@ -84,6 +86,10 @@ class Settings:
     default_guidance_scale: float = 0.0
     device: str = "auto"
     max_queue_images: int = 64
+    # None: all of MAX_QUEUE_IMAGES with one key name, half of it with several (sd35.keys.KeySource.queue_limit).
+    max_queue_images_per_key: int | None = None
+    # "fair": per-key queues served by least weighted service; "fifo": one queue in arrival order.
+    queue_policy: str = "fair"
     max_batch_images: int = 8
     # The cap on a request's n (OpenAI allows 1-10); larger n runs as several batches.
     max_images_per_request: int = 4
@@ -117,17 +123,22 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        # A keys file turns authentication on even while it names no key: nobody gets in, rather than everybody.
+        return bool(self.api_keys) or self.api_keys_file is not None
 
     def summary(self) -> str:
         """The settings worth a start-up log line; never a key or a token."""
-        auth = f"on ({len(self.api_keys)} key{'s' if len(self.api_keys) > 1 else ''})" if self.api_keys else "off"
+        sources = [f"{len(self.api_keys)} key{'s' if len(self.api_keys) > 1 else ''}"] if self.api_keys else []
+        if self.api_keys_file is not None:
+            sources.append(f"API_KEYS_FILE={self.api_keys_file}")
+        auth = f"on ({', '.join(sources)})" if sources else "off"
         return (
             f"model={self.model_id} device={self.device} auth={auth} hf_token={'set' if self.hf_token else 'unset'} "
             f"cache_dit={self.enable_cache_dit} steps={self.default_num_inference_steps} "
             f"guidance={self.default_guidance_scale} max_batch_images={self.max_batch_images} "
             f"max_images_per_request={self.max_images_per_request} "
-            f"max_queue_images={self.max_queue_images} request_timeout={self.request_timeout:g}s "
+            f"max_queue_images={self.max_queue_images} queue_policy={self.queue_policy} "
+            f"request_timeout={self.request_timeout:g}s "
             f"memory_mode={self.memory_mode} torch_compile={self.torch_compile} "
             f"vae_channels_last={self.vae_channels_last} warmup={self.warmup} workers={self.workers} "
             f"lora_adapters={','.join(a.name for a in self.lora_adapters) or 'none'}"
@@ -235,6 +246,13 @@ def _s3_prefix(raw: str) -> str:
     return f"{prefix}/"
 
 
+def _keys_file(raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise ValueError
+    return path
+
+
 def _api_keys(raw: str) -> tuple[str, ...]:
     keys = tuple(key.strip() for key in raw.split(","))
     if any(not key or any(ch.isspace() for ch in key) for key in keys):
@@ -323,6 +341,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         device=_parse(env, "DEVICE", "auto", _device, "auto, cpu, cuda or cuda:N"),
         max_queue_images=_parse(env, "MAX_QUEUE_IMAGES", 64, _bounded(int, 1, 100_000), "an integer ≥ 1"),
+        max_queue_images_per_key=_parse(
+            env, "MAX_QUEUE_IMAGES_PER_KEY", None, _bounded(int, 1, 100_000), "an integer ≥ 1"
+        ),
+        queue_policy=_parse(env, "QUEUE_POLICY", "fair", _choice("fair", "fifo"), "fair or fifo"),
+        api_keys_file=_parse(env, "API_KEYS_FILE", None, _keys_file, "the path of an existing keys file (TOML)"),
         max_batch_images=_parse(env, "MAX_BATCH_IMAGES", 8, _bounded(int, 1, 256), "an integer between 1 and 256"),
         max_images_per_request=_parse(
             env,
@@ -380,6 +403,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"MAX_IMAGES_PER_REQUEST={settings.max_images_per_request} is invalid: expected at most MAX_QUEUE_IMAGES "
             f"({settings.max_queue_images}), or a request for that many images could never be queued"
         )
+    per_key = settings.max_queue_images_per_key
+    if per_key is not None and per_key > settings.max_queue_images:
+        raise ConfigError(
+            f"MAX_QUEUE_IMAGES_PER_KEY={per_key} is invalid: expected at most MAX_QUEUE_IMAGES "
+            f"({settings.max_queue_images}), the whole queue"
+        )
+    if settings.api_keys_file is not None:
+        _check_keys_file(settings)
     largest = max(settings.max_body_bytes, settings.max_upload_bytes)
     if settings.max_buffered_bytes < largest:
         raise ConfigError(
@@ -387,6 +418,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"({largest} bytes, MAX_UPLOAD_BYTES / MAX_BODY_BYTES), or no upload of that size could ever be read"
         )
     return settings
+
+
+def _check_keys_file(settings: Settings) -> None:
+    """An invalid keys file refuses the start, with the message a reload would log (file and line)."""
+    from sd35.keys import KeyFileError, key_ring, read_keys_file
+
+    assert settings.api_keys_file is not None
+    try:
+        key_ring(settings.api_keys, read_keys_file(settings.api_keys_file), settings.api_keys_file)
+    except KeyFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _image_store_settings(env: Mapping[str, str]) -> dict[str, object]:

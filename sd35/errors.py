@@ -109,11 +109,24 @@ class MethodNotAllowedError(APIError):
         return cls(f"Invalid method for URL ({method} {path}): it accepts {', '.join(allow)}.", allow=allow)
 
 
-class RateLimitError(APIError):
+class TooManyRequestsError(APIError):
+    """429: slow down. The two codes tell "you, slow down" from "the server is full"."""
+
     status = 429
-    code = "rate_limit_exceeded"
     type = "rate_limit_error"
     retryable = True
+
+
+class RateLimitError(TooManyRequestsError):
+    """An API key over its ``images_per_minute`` (OpenAI's code for per-minute limits)."""
+
+    code = "rate_limit_exceeded"
+
+
+class QueueFullError(TooManyRequestsError):
+    """The server's queue, or the key's share of it, is full."""
+
+    code = "queue_full"
 
 
 class GPUOutOfMemoryError(APIError):

@@ -32,3 +32,33 @@ GENERATION_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60),
 )
 ERRORS = Counter("sd35_errors", "Error responses of the OpenAI routes, by code.", ["code"])
+
+# Per API key, by its name (never the key): names come from API_KEY ("default")
+# and API_KEYS_FILE, or "-" with authentication off, so the label stays bounded.
+KEY_QUEUE_IMAGES = Gauge(
+    "sd35_key_queue_images", "Images waiting for the GPU, by API key name.", ["key"], multiprocess_mode="livesum"
+)
+KEY_IMAGES = Counter("sd35_key_images", "Images generated, by API key name.", ["key"])
+KEY_GPU_SECONDS = Counter(
+    "sd35_key_gpu_seconds",
+    "Seconds of pipeline calls spent on each API key's requests (a call shared by several keys is split by cost).",
+    ["key"],
+)
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+KEY_QUEUE_WAIT = Histogram(
+    "sd35_key_queue_wait_seconds",
+    "Seconds a request waited in the queue before its pipeline call began, by API key name.",
+    ["key"],
+    buckets=_WAIT_BUCKETS,
+)
+KEY_REQUEST_SECONDS = Histogram(
+    "sd35_key_request_seconds",
+    "Seconds per image request (queue, generation, encoding), by API key name.",
+    ["key"],
+    buckets=_WAIT_BUCKETS,
+)
+KEY_REJECTED = Counter(
+    "sd35_key_rejected",
+    "Requests refused with 429, by API key name and code (rate_limit_exceeded: over its quota; queue_full).",
+    ["key", "code"],
+)

@@ -1,7 +1,8 @@
 """OpenAI image serving: turns a validated request into engine work and a response.
 
 Between the HTTP layer (``sd35.api``) and the engine: it resolves defaults,
-rejects what this server cannot do, and encodes images on a thread pool so the
+rejects what this server cannot do, counts images against the caller's quota
+(:mod:`sd35.quotas`), and encodes images on a thread pool so the
 engine's worker is free for the next batch while bytes are being compressed.
 
 Each kind of off-loop work has a bounded pool of its own, so one cannot hold
@@ -25,7 +26,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -36,11 +37,14 @@ from sd35 import metrics, responses
 from sd35.config import Settings
 from sd35.engine import GenerationEngine, GenerationParams, adapters
 from sd35.engine.params import SEED_MODULUS
+from sd35.engine.worker import Job
 from sd35.errors import (
+    APIError,
     ImageStoreError,
     ImageStoreFullError,
     ModelNotFoundError,
     RequestTimeoutError,
+    TooManyRequestsError,
     ValidationError,
     error_payload,
 )
@@ -58,6 +62,8 @@ from sd35.imaging import (
     read_upload,
     repaint_mask,
 )
+from sd35.keys import CURRENT_KEY, KeySource
+from sd35.logs import KEY_NAME
 from sd35.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -65,6 +71,7 @@ from sd35.protocol import (
     ModelCard,
     ModelList,
 )
+from sd35.quotas import QuotaLedger
 from sd35.storage import ImageStore, StoreFullError
 
 logger = logging.getLogger(__name__)
@@ -109,10 +116,19 @@ def _encode_b64(pixels: np.ndarray, output_format: OutputFormat, compression: in
 
 
 class ImageServing:
-    def __init__(self, settings: Settings, engine: GenerationEngine, store: ImageStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: GenerationEngine,
+        store: ImageStore,
+        quotas: QuotaLedger | None = None,
+        keys: KeySource | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.quotas = quotas or QuotaLedger()
+        self.keys = keys or KeySource(settings.api_keys, max_queue_images=settings.max_queue_images)
         self.created = int(time.time())
         self._encoders = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="sd35-encode"
@@ -336,8 +352,9 @@ class ImageServing:
             )
         return chunks
 
-    def _submit(self, params: GenerationParams) -> list[Any]:
-        """Queue every chunk of the request; if one is refused (queue full), none stays queued."""
+    def _submit(self, params: GenerationParams) -> list[Job]:
+        """Queue every chunk of the request, its images counted against the caller's quota once; if one chunk
+        is refused (queue full), none stays queued and the quota is given back."""
         queue = self.engine.settings.max_queue_images
         if params.num_images > queue:
             # Chunks would each fit, but together never: the 400 the engine gives a request this large.
@@ -346,17 +363,18 @@ class ImageServing:
                 "ask for fewer images.",
                 param="n",
             )
-        jobs: list[Any] = []
-        try:
-            for chunk in self._chunks(params):
-                jobs.append(self.engine.submit(chunk))
-        except BaseException:
-            for job in jobs:
-                self.engine.cancel(job)
-            raise
+        jobs: list[Job] = []
+        with self._counted(params.num_images):
+            try:
+                for chunk in self._chunks(params):
+                    jobs.append(self.engine.submit(chunk))
+            except BaseException:
+                for job in jobs:
+                    self.engine.abandon(job)
+                raise
         return jobs
 
-    async def _results(self, jobs: list[Any], timeout: float | None = None) -> list[np.ndarray]:
+    async def _results(self, jobs: list[Job], timeout: float | None = None) -> list[np.ndarray]:
         """The images of every job in order; the first failure (or the timeout) cancels the rest."""
         if len(jobs) == 1:
             return await self.engine.result(jobs[0], timeout)
@@ -375,6 +393,29 @@ class ImageServing:
         (``engine.generate`` for requests of any size; ``timeout``: REQUEST_TIMEOUT when None)."""
         return await self._results(self._submit(params), timeout)
 
+    @contextlib.contextmanager
+    def _counted(self, images: int) -> Iterator[None]:
+        """Count ``images`` against the caller's quota while work is queued; given back if it is not queued."""
+        key = CURRENT_KEY.get()
+        limit = key.images_per_minute if key is not None else 0
+        try:
+            if limit:
+                self.quotas.take(key.name, limit, images)
+            try:
+                yield
+            except APIError:
+                if limit:
+                    self.quotas.give_back(key.name, limit, images)
+                raise
+        except TooManyRequestsError as refused:
+            metrics.KEY_REJECTED.labels(key=KEY_NAME.get(), code=refused.code).inc()
+            raise
+
+    def submit(self, params: GenerationParams) -> Job:
+        """Queue one engine job (another surface's, AUTOMATIC1111's), counted against the caller's quota."""
+        with self._counted(params.num_images):
+            return self.engine.submit(params)
+
     async def _respond(
         self,
         params: GenerationParams,
@@ -383,6 +424,7 @@ class ImageServing:
         deadline: float,
     ) -> bytes:
         output_format, compression = _encoding(request)
+        started = time.monotonic()
         url = request.response_format == "url"
         if url:
             await self._check_room(deadline)
@@ -405,6 +447,7 @@ class ImageServing:
             items = await self._within(deadline, asyncio.gather(*jobs))
         counted = self._in(self._encoders, self.engine.usage, params)
         metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
+        metrics.KEY_REQUEST_SECONDS.labels(key=KEY_NAME.get()).observe(time.monotonic() - started)
         return responses.images_body(
             int(time.time()),
             items,
@@ -433,6 +476,7 @@ class ImageServing:
             loop.call_soon_threadsafe(previews.put_nowait, (image, index, preview))
 
         params = replace(params, partial_images=request.partial_images or 0, on_preview=on_preview)
+        started, key_name = time.monotonic(), KEY_NAME.get()
         jobs = self._submit(params)
         output_format, compression = _encoding(request)
         common = {
@@ -475,6 +519,7 @@ class ImageServing:
                     payload = {"created_at": int(time.time()), "usage": usage, **common, "image_index": index}
                     yield responses.event(f"{kind}.completed", payload, await final)
                 metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(images))
+                metrics.KEY_REQUEST_SECONDS.labels(key=key_name).observe(time.monotonic() - started)
             finally:
                 # Also when the client left (the relay cancels this): the job is given up, nothing is left pending.
                 if waiting is not None:
@@ -496,10 +541,6 @@ class ImageServing:
                 ModelCard(id=adapter.name, created=self.created, owned_by="sd35", root=adapter.location, parent=base)
             )
         return ModelList(data=cards)
-
-    def submit(self, params: GenerationParams) -> Any:
-        """Queue engine work made by another surface (AUTOMATIC1111's), as this layer queues its own."""
-        return self.engine.submit(params)
 
     async def offload(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on the encoding pool: CPU work (decoding, encoding) kept off the event loop."""

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from sd35.auth import BAD_FORMAT, MISSING_HEADER, WRONG_KEY, check_authorization, is_protected
+from sd35.auth import BAD_FORMAT, MISSING_HEADER, WRONG_KEY, authenticate, is_protected
+from sd35.errors import AuthenticationError
+from sd35.keys import KeyRing, default_keys
 from tests.conftest import assert_openai_error, service_client
 
 GEN = "/v1/images/generations"
@@ -79,13 +81,14 @@ def test_openapi_schema_stays_open(secured: TestClient) -> None:
     assert "/v1/images/generations" in schema["paths"]
 
 
-def test_check_authorization_unit() -> None:
-    keys = (b"k1", b"k2")
-    assert check_authorization(None, keys) == MISSING_HEADER
-    assert check_authorization(b"Bearer k2", keys) is None
-    assert check_authorization(b"Bearer  k1 ", keys) is None
-    assert check_authorization(b"Token k1", keys) == BAD_FORMAT
-    assert check_authorization(b"Bearer k3", keys) == WRONG_KEY
+def test_authenticate_unit() -> None:
+    ring = KeyRing(default_keys(["k1", "k2"]))
+    assert authenticate(b"Bearer k2", ring).name == "default"
+    assert authenticate(b"Bearer  k1 ", ring).name == "default"
+    for header, message in [(None, MISSING_HEADER), (b"Token k1", BAD_FORMAT), (b"Bearer k3", WRONG_KEY)]:
+        with pytest.raises(AuthenticationError) as refused:
+            authenticate(header, ring)
+        assert refused.value.message == message
 
 
 def test_only_v1_is_protected() -> None:

@@ -19,7 +19,7 @@ from sd35.engine import GenerationEngine, GenerationParams
 from sd35.errors import (
     GenerationFailedError,
     GPUOutOfMemoryError,
-    RateLimitError,
+    QueueFullError,
     RequestTimeoutError,
     ValidationError,
 )
@@ -73,11 +73,11 @@ def engine(tiny_pipe: Any) -> Iterator[GenerationEngine]:
 
 
 @contextmanager
-def running_engine(tiny_pipe: Any, **overrides: Any) -> Iterator[GenerationEngine]:
+def running_engine(tiny_pipe: Any, policy: Any = None, **overrides: Any) -> Iterator[GenerationEngine]:
     overrides.setdefault("warmup", False)
     settings = Settings(model_id="tiny", **overrides)
     instrumented = InstrumentedPipeline(tiny_pipe)
-    engine = GenerationEngine(settings, loader=lambda *_: (instrumented, "cpu"))
+    engine = GenerationEngine(settings, loader=lambda *_: (instrumented, "cpu"), policy=policy)
     engine.start()
     deadline = time.monotonic() + 30
     while not engine.ready:
@@ -217,7 +217,7 @@ def test_queue_is_bounded(tiny_pipe: Any) -> None:
         blocker = await _hold_worker(engine)
         queued = [asyncio.ensure_future(engine.generate(params(s, n=2))) for s in range(2)]
         await asyncio.sleep(0.01)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(QueueFullError) as refused:
             await engine.generate(params(9))
         assert refused.value.retry_after is not None and refused.value.retry_after > 0
         engine.pipeline.gate.set()

@@ -149,18 +149,25 @@ def test_n_is_checked_against_the_configured_cap(client: TestClient) -> None:
 
 
 def test_a_request_refused_halfway_through_queueing_leaves_nothing_queued(client: TestClient) -> None:
+    from dataclasses import replace
+
+    from sd35.engine.worker import Job
+    from sd35.errors import QueueFullError
+
     serving = importlib.import_module("service").app.state.serving
-    queue = serving.engine
-    # As if 57 of the 64 queue places were taken: the 1st chunk of 4 fits, the 2nd does not.
-    with queue._cond:
-        queue._queued_images += 57
-    try:
-        with pytest.raises(RateLimitError):
-            serving._submit(serving.params_for(_generation(n=10)))
-        assert queue._queued_images == 57 and not queue._pending, "the first chunk left the queue again"
-    finally:
-        with queue._cond:
-            queue._queued_images -= 57
+    engine = serving.engine
+    params = serving.params_for(_generation(n=10))
+    # As if 57 of the 64 queue places were taken: the 1st chunk of 4 fits, the 2nd does not. The engine's lock
+    # (reentrant) is held throughout, so the worker never takes the filler.
+    with engine._cond:
+        filler = Job(replace(params, num_images=57))
+        engine._queue.push(filler)
+        try:
+            with pytest.raises(QueueFullError):
+                serving._submit(params)
+            assert engine.queued_images == 57 and len(engine._queue) == 1, "the first chunk left the queue again"
+        finally:
+            engine._queue.remove(filler)
     assert client.post(GEN, json={"prompt": "a", "n": 10, **FAST}).status_code == 200
 
 
@@ -173,7 +180,7 @@ def test_a_timeout_gives_up_every_batch_of_the_request(client: TestClient) -> No
         client.portal.call(serving.run, params, 0.05)
     queue = serving.engine
     with queue._cond:
-        assert queue._queued_images == 0 and not queue._pending, "the batches not yet started left the queue"
+        assert queue.queued_images == 0 and not queue._queue, "the batches not yet started left the queue"
     assert client.post(GEN, json={"prompt": "a", **FAST}).status_code == 200
 
 

@@ -259,7 +259,7 @@ def test_a_full_queue_says_when_to_retry_within_a_minute(server: Server, sdk: op
             return refused, await running
 
     refused, done = asyncio.run(scenario())
-    assert_openai_error(refused, 429, "rate_limit_exceeded")
+    assert_openai_error(refused, 429, "queue_full")
     assert 1 <= int(refused.headers["retry-after"]) <= 59
     assert 1 <= int(refused.headers["retry-after-ms"]) <= 59_000 and refused.headers["x-should-retry"] == "true"
     assert done.status_code == 200 and len(done.json()["data"]) == 10

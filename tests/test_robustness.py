@@ -60,7 +60,7 @@ def test_bentomls_own_429_and_504_are_openai_shaped() -> None:
         first = portal.start_task_soon(lambda: asyncio.to_thread(client.get, "/v1/x"))
         time.sleep(0.3)
         response = client.get("/v1/x")
-        assert_openai_error(response, 429, "rate_limit_exceeded")
+        assert_openai_error(response, 429, "queue_full")  # the server is full, not the caller over a quota
         assert response.headers["retry-after"] == "1"
         portal.call(gate.set)
         assert first.result(5).status_code == 200
@@ -191,7 +191,7 @@ def test_client_that_disconnects_while_queued_frees_its_place(blocked_engine: An
         blocker = await _hold_worker(blocked_engine)
         with pytest.raises(ClientDisconnectedError):
             await unless_disconnected(FakeDisconnectingRequest(0.05), blocked_engine.generate(params(1, "gone")))
-        assert blocked_engine._queued_images == 0, "the place in the queue is free again"
+        assert blocked_engine.queued_images == 0, "the place in the queue is free again"
         blocked_engine.pipeline.gate.set()
         await blocker
         await blocked_engine.generate(params(2, "stayed"))

@@ -108,9 +108,9 @@ def test_a_stream_whose_client_leaves_gives_its_place_back(tiny_model_dir: Path)
         async def scenario() -> list[Any]:
             blocker = await _hold_worker(engine)
             events = serving.stream(serving.params_for(request), request, "image_generation")
-            assert engine._queued_images == 1
+            assert engine.queued_images == 1
             received = [item async for item in _until_disconnected(FakeDisconnectingRequest(0.05), events)]
-            assert engine._queued_images == 0, "the queue place is free as soon as the client leaves"
+            assert engine.queued_images == 0, "the queue place is free as soon as the client leaves"
             engine.pipeline.gate.set()
             await blocker
             return received

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from sd35.api import a1111, docs, files, health, images, models
+from sd35.api import a1111, docs, files, health, images, models, queue
 from sd35.api.errors import install_error_handlers
 from sd35.api.openapi import describe_as_served
 
@@ -19,7 +19,7 @@ def create_app() -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    for router in (images.router, files.router, models.router, health.router, docs.router):
+    for router in (images.router, files.router, models.router, queue.router, health.router, docs.router):
         app.include_router(router)
     app.include_router(a1111.router)
     docs.mount_assets(app)

@@ -16,7 +16,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "Missing or wrong API key (`authentication_error`).",
         408: "The request body stopped arriving, or arrived too slowly "
         "(`request_timeout`; BODY_READ_TIMEOUT, BODY_MIN_RATE).",
-        429: "Too much queued work (`rate_limit_exceeded`); `retry-after` / `retry-after-ms` say when to retry.",
+        429: "The API key is over its quota (`rate_limit_exceeded`), or the queue is full (`queue_full`); "
+        "`retry-after` / `retry-after-ms` say when to retry.",
         500: "`gpu_out_of_memory`, `generation_failed` or `internal_error`.",
         502: "A `url` image was made but the image store failed or did not answer (`image_store_failed`).",
         503: "The model is loading (`model_not_loaded`, with `retry-after`) or failed to load (`model_not_loaded`, "

@@ -42,6 +42,12 @@ class GenerationParams:
             steps -= int(steps - steps * self.strength)
         return steps
 
+    def cost(self) -> float:
+        """The GPU work this asks for, roughly: images × denoising steps × megapixels, twice with
+        classifier-free guidance (a second, unconditioned pass). What fair queueing charges a key."""
+        passes = 2 if self.guidance_scale > 1 else 1
+        return self.num_images * self.denoising_steps() * self.width * self.height / (1024 * 1024) * passes
+
     def preview_steps(self) -> list[int]:
         """Denoising steps after which a preview is taken, spread over the run (never the last)."""
         steps = self.denoising_steps()

@@ -1,4 +1,4 @@
-"""The generation engine: a bounded queue, batching, and one worker thread that makes every pipeline call.
+"""The generation engine: bounded queues per API key, batching, and one worker thread that makes every pipeline call.
 
 One engine owns one pipeline on one device. A diffusers pipeline is not
 thread-safe, so a single worker thread makes every call; concurrent requests
@@ -7,6 +7,12 @@ with one seeded generator per image, so each image is the one its seed gives
 alone (within ±1/255: kernels differ slightly with batch size). The worker
 hands back uint8 pixels and goes straight to the next batch: encoding happens
 elsewhere.
+
+Each API key has its own queue, and the worker serves the key that has received
+the least weighted service so far (:mod:`sd35.engine.fairness`); the queue is
+bounded overall (``MAX_QUEUE_IMAGES``) and per key, so one key cannot fill it.
+A job carries its key's name the way it carries its request id: captured from
+the request's context when it is submitted, so the engine never sees HTTP.
 
 A running batch is stopped at its next denoising step when nobody waits for it
 any more (every request timed out or its client left) and when the shutdown
@@ -33,6 +39,7 @@ from sd35 import metrics
 from sd35.config import Settings
 from sd35.engine import loading, usage
 from sd35.engine.calls import CallInterrupted, CallWatch, PipelineRunner
+from sd35.engine.fairness import EqualShares, FairQueue, QueuePolicy
 from sd35.engine.memory import MemoryPlan, component_bytes
 from sd35.engine.params import GenerationParams
 from sd35.errors import (
@@ -40,12 +47,12 @@ from sd35.errors import (
     GenerationFailedError,
     GPUOutOfMemoryError,
     ModelNotLoadedError,
-    RateLimitError,
+    QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
     ValidationError,
 )
-from sd35.logs import REQUEST_ID
+from sd35.logs import KEY_NAME, REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +61,13 @@ ABANDONED_REASON = "every request of the batch is gone"
 ANSWERED_REASON = "every request of the batch was answered early or is gone"
 
 
-@dataclass
-class _Job:
+@dataclass(eq=False)
+class Job:
     params: GenerationParams
     request_id: str = field(default_factory=REQUEST_ID.get)
+    # The API key's name, for fair queueing, limits and metrics.
+    key: str = field(default_factory=KEY_NAME.get)
+    queued_at: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future[list[np.ndarray]] = field(default_factory=concurrent.futures.Future)
     # Set when whoever waited gave up (timeout, client gone): a running
     # future cannot be cancelled, so the worker looks at this instead.
@@ -68,6 +78,18 @@ class _Job:
     steps_done: int = 0
     steps_total: int = 0
     started: float | None = None
+
+    @property
+    def images(self) -> int:
+        return self.params.num_images
+
+    @property
+    def cost(self) -> float:
+        return self.params.cost()
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        return self.params.batch_key
 
 
 @dataclass(frozen=True)
@@ -85,7 +107,7 @@ class JobProgress:
 class _Watch(CallWatch):
     """The worker's side of one call: step counts onto the jobs, early answers to the jobs that asked."""
 
-    def __init__(self, jobs: list[_Job], made: list[np.ndarray] | None = None) -> None:
+    def __init__(self, jobs: list[Job], made: list[np.ndarray] | None = None) -> None:
         self.jobs = jobs
         # Images a job already has (made one by one): they go with the early answer.
         self.made = made or []
@@ -104,7 +126,7 @@ class _Watch(CallWatch):
     def deliver(self, index: int, images: list[np.ndarray]) -> None:
         job = self.jobs[index]
         logger.info("request %s: ended early after %d of %d steps", job.request_id, job.steps_done, job.steps_total)
-        job.future.set_result(self.made + images)
+        GenerationEngine._deliver(job, self.made + images)
 
 
 def _weight_bytes(pipe: Any) -> int | None:
@@ -118,6 +140,18 @@ class EngineStatus:
     detail: str | None
 
 
+@dataclass(frozen=True)
+class KeyQueue:
+    """One API key's part of the queue, as the worker sees it now."""
+
+    key: str
+    queued_images: int
+    queued_requests: int
+    running_images: int
+    max_queue_images: int
+    weight: float
+
+
 class GenerationEngine:
     """Owns one pipeline; queues, batches and runs generation requests."""
 
@@ -127,8 +161,11 @@ class GenerationEngine:
         loader: Callable[[Settings, int], tuple[Any, str]] | None = None,
         worker_index: int = 1,
         on_ready: Callable[[float], None] | None = None,
+        policy: QueuePolicy | None = None,
     ) -> None:
         self.settings = settings
+        # Weights and queue limits per key (sd35.keys.KeySource: from API_KEYS_FILE, reloaded).
+        self.policy = policy or EqualShares(settings.max_queue_images)
         self._loader = loader
         self.worker_index = worker_index
         self._on_ready = on_ready
@@ -138,13 +175,15 @@ class GenerationEngine:
         self.weight_bytes: int | None = None
         self.device: str | None = None
         self._status = EngineStatus(False, "the model is loading")
-        self._pending: deque[_Job] = deque()
-        self._queued_images = 0
+        self._queue: FairQueue[Job] = FairQueue(self.policy.weight, fair=settings.queue_policy == "fair")
         self._cond = threading.Condition()
         self._closed = False
         self._draining = False
         self._grace_over = threading.Event()
-        self._running: list[_Job] = []
+        self._running: list[Job] = []
+        # Which keys each recent pipeline call served, as (key, images) per request, in call order;
+        # bounded, for tests and benchmarks (operators read the metrics).
+        self.served: deque[tuple[tuple[str, int], ...]] = deque(maxlen=1024)
         self._worker = threading.Thread(target=self._run_worker, name="sd35-generation", daemon=True)
 
     @property
@@ -283,9 +322,8 @@ class GenerationEngine:
         """Refuse everything queued and interrupt the running batch (answered 503)."""
         self._grace_over.set()
         with self._cond:
-            pending, self._pending = list(self._pending), deque()
-            self._queued_images = 0
-            metrics.QUEUE_IMAGES.set(0)
+            pending = self._queue.drain()
+            self._publish_queue({job.key for job in pending})
         for job in pending:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(
@@ -302,7 +340,7 @@ class GenerationEngine:
         """OpenAI's ``usage`` object for a request, as the loaded pipeline counts it (:mod:`sd35.engine.usage`)."""
         return usage.usage(self.pipeline, params)
 
-    async def result(self, job: _Job, timeout: float | None = None) -> list[np.ndarray]:
+    async def result(self, job: Job, timeout: float | None = None) -> list[np.ndarray]:
         """Wait for a submitted job; giving up (timeout, cancellation) drops it from the queue or the batch."""
         timeout = self.settings.request_timeout if timeout is None else timeout
         try:
@@ -317,7 +355,7 @@ class GenerationEngine:
             job.abandoned = True
             raise
 
-    def submit(self, params: GenerationParams) -> _Job:
+    def submit(self, params: GenerationParams) -> Job:
         status = self._status
         if not status.loaded:
             failed = "failed" in (status.detail or "")
@@ -325,48 +363,82 @@ class GenerationEngine:
             raise ModelNotLoadedError(
                 f"The model is not ready: {status.detail}.", retry_after=None if failed else 10, retryable=not failed
             )
-        if params.num_images > self.settings.max_queue_images:
+        job = Job(params)
+        total_limit, key_limit = self.settings.max_queue_images, self.policy.queue_limit(job.key)
+        if params.num_images > min(total_limit, key_limit):
+            # Can never be queued: a 400, not a 429 to retry forever.
+            setting = (
+                f"MAX_QUEUE_IMAGES={total_limit}"
+                if total_limit <= key_limit
+                else f"{key_limit} per API key, MAX_QUEUE_IMAGES_PER_KEY or the key's max_queue_images"
+            )
             raise ValidationError(
-                f"n={params.num_images} is more than this server queues at once "
-                f"(MAX_QUEUE_IMAGES={self.settings.max_queue_images}); ask for fewer images.",
+                f"n={params.num_images} is more than this server queues at once ({setting}); ask for fewer images.",
                 param="n",
             )
-        job = _Job(params)
         with self._cond:
             if self._closed or self._draining:
                 raise ServiceUnavailableError.shutting_down()
-            if self._queued_images + params.num_images > self.settings.max_queue_images:
-                seconds_per_image = self.runner.seconds_per_image if self.runner else 1.0
-                raise RateLimitError(
-                    f"Too many images are queued ({self._queued_images} of {self.settings.max_queue_images}); "
-                    "retry after the indicated delay.",
-                    retry_after=self._queued_images * seconds_per_image,
+            queued, mine = self._queue.images, self._queue.images_of(job.key)
+            if queued + params.num_images > total_limit:
+                raise QueueFullError(
+                    f"Too many images are queued ({queued} of {total_limit}); retry after the indicated delay.",
+                    retry_after=self._seconds_for(queued),
                 )
-            self._pending.append(job)
-            self._queued_images += params.num_images
-            metrics.QUEUE_IMAGES.set(self._queued_images)
+            if mine + params.num_images > key_limit:
+                raise QueueFullError(
+                    f"This API key has {mine} images queued, and may have at most {key_limit} queued at once; "
+                    "retry after the indicated delay, or wait for your earlier requests.",
+                    retry_after=self._seconds_for(queued),
+                )
+            self._queue.push(job)
+            self._publish_queue({job.key})
             self._cond.notify()
-        job.future.add_done_callback(self._forget_if_cancelled)
+        job.future.add_done_callback(lambda future: self._forget_if_cancelled(job, future))
         return job
 
-    def cancel(self, job: _Job) -> None:
-        """Nobody will wait for this job: it leaves the queue, or its running batch may stop."""
-        job.abandoned = True
-        job.future.cancel()
+    def _seconds_for(self, images: int) -> float:
+        """Roughly how long the GPU needs for this many queued images."""
+        return images * (self.runner.seconds_per_image if self.runner else 1.0)
 
-    def _forget_if_cancelled(self, future: concurrent.futures.Future) -> None:
+    def _publish_queue(self, keys: set[str]) -> None:
+        """Queue gauges after a change to these keys' queues (the engine's lock held)."""
+        metrics.QUEUE_IMAGES.set(self._queue.images)
+        for key in keys:
+            metrics.KEY_QUEUE_IMAGES.labels(key=key).set(self._queue.images_of(key))
+
+    def queues(self) -> list[KeyQueue]:
+        """Each key with work queued or running on this worker."""
+        with self._cond:
+            running: dict[str, int] = {}
+            for job in self._running:
+                running[job.key] = running.get(job.key, 0) + job.images
+            keys = dict.fromkeys([*self._queue.keys(), *running])
+            return [
+                KeyQueue(
+                    key=key,
+                    queued_images=self._queue.images_of(key),
+                    queued_requests=self._queue.requests_of(key),
+                    running_images=running.get(key, 0),
+                    max_queue_images=self.policy.queue_limit(key),
+                    weight=self.policy.weight(key),
+                )
+                for key in keys
+            ]
+
+    @property
+    def queued_images(self) -> int:
+        return self._queue.images
+
+    def _forget_if_cancelled(self, job: Job, future: concurrent.futures.Future) -> None:
         """A request that timed out or whose client left gives its place back at once."""
         if not future.cancelled():
             return
         with self._cond:
-            for job in self._pending:
-                if job.future is future:
-                    self._pending.remove(job)
-                    self._queued_images -= job.params.num_images
-                    metrics.QUEUE_IMAGES.set(self._queued_images)
-                    break
+            if self._queue.remove(job):
+                self._publish_queue({job.key})
 
-    def end_early(self, job: _Job) -> bool:
+    def end_early(self, job: Job) -> bool:
         """Answer ``job`` at its next denoising step with the images made so far (AUTOMATIC1111's
         interrupt). A job still queued is dropped instead (its waiter sees a cancellation): True then."""
         if job.future.cancel():
@@ -374,12 +446,12 @@ class GenerationEngine:
         job.end_requested = True
         return False
 
-    def abandon(self, job: _Job) -> None:
+    def abandon(self, job: Job) -> None:
         """Nobody waits for ``job`` any more: it leaves the queue, or stops with the rest of its batch."""
         job.abandoned = True
         job.future.cancel()
 
-    def progress(self, job: _Job) -> JobProgress:
+    def progress(self, job: Job) -> JobProgress:
         """How far ``job`` is: its state and, once its call runs, the denoising steps done."""
         images = job.params.num_images
         if job.future.done():
@@ -391,48 +463,43 @@ class GenerationEngine:
         return JobProgress("running", job.steps_done, total, elapsed, images)
 
     @property
-    def queued_images(self) -> int:
-        """Images waiting in the queue (not yet in a running batch)."""
-        return self._queued_images
-
-    @property
     def seconds_per_image(self) -> float:
         """Recent GPU seconds per image (for estimates; 1 before anything ran)."""
         return self.runner.seconds_per_image if self.runner is not None else 1.0
 
     # --- the worker --------------------------------------------------------
 
-    def _next_batch(self) -> list[_Job] | None:
+    def _next_batch(self) -> list[Job] | None:
         with self._cond:
-            while not self._pending and not self._closed:
+            while not self._queue and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
-            first = self._pending.popleft()
-            batch, images = [first], first.params.num_images
-            for job in list(self._pending):
-                fits = images + job.params.num_images <= self.settings.max_batch_images
-                if fits and job.params.batch_key == first.params.batch_key:
-                    self._pending.remove(job)
-                    batch.append(job)
-                    images += job.params.num_images
-            self._queued_images -= images
-            metrics.QUEUE_IMAGES.set(self._queued_images)
+            batch = self._queue.pop_batch(self.settings.max_batch_images)
+            self._publish_queue({job.key for job in batch})
         # A request that timed out or went away while queued is dropped here,
         # not run for nobody.
-        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        now = time.monotonic()
+        for job in batch:
+            metrics.KEY_QUEUE_WAIT.labels(key=job.key).observe(now - job.queued_at)
+        if batch:
+            self.served.append(tuple((job.key, job.images) for job in batch))
+        return batch
 
     def _run_worker(self) -> None:
         while (batch := self._next_batch()) is not None:
             if batch:
+                self._running = batch
                 # The worker thread's log lines name the requests of the batch it runs.
                 token = REQUEST_ID.set(",".join(job.request_id for job in batch))
                 try:
                     self._run_batch(batch)
                 finally:
                     REQUEST_ID.reset(token)
+                    self._running = []
 
-    def _stop_reason(self, batch: list[_Job]) -> Callable[[], str | None]:
+    def _stop_reason(self, batch: list[Job]) -> Callable[[], str | None]:
         def reason() -> str | None:
             if self._grace_over.is_set():
                 return SHUTDOWN_REASON
@@ -445,12 +512,26 @@ class GenerationEngine:
         return reason
 
     def _call(
-        self, batch: list[_Job], params: list[GenerationParams], made: list[np.ndarray] | None = None
+        self, batch: list[Job], params: list[GenerationParams], made: list[np.ndarray] | None = None
     ) -> list[list[np.ndarray]]:
         assert self.runner is not None
-        return self.runner(params, self._stop_reason(batch), _Watch(batch, made))
+        started = time.monotonic()
+        try:
+            return self.runner(params, self._stop_reason(batch), _Watch(batch, made))
+        finally:
+            # Each key is charged its requests' part of the call, by cost.
+            elapsed = time.monotonic() - started
+            costs = [p.cost() for p in params]
+            total = sum(costs) or 1.0
+            for job, cost in zip(batch, costs, strict=True):
+                metrics.KEY_GPU_SECONDS.labels(key=job.key).inc(elapsed * cost / total)
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    @staticmethod
+    def _deliver(job: Job, images: list[np.ndarray]) -> None:
+        metrics.KEY_IMAGES.labels(key=job.key).inc(len(images))
+        job.future.set_result(images)
+
+    def _run_batch(self, batch: list[Job]) -> None:
         try:
             results = self._call(batch, [job.params for job in batch])
         except CallInterrupted as stop:
@@ -475,16 +556,16 @@ class GenerationEngine:
             return
         for job, images in zip(batch, results, strict=True):
             if not job.future.done():  # not answered early
-                job.future.set_result(images)
+                self._deliver(job, images)
 
-    def _interrupted(self, batch: list[_Job], stop: CallInterrupted) -> None:
+    def _interrupted(self, batch: list[Job], stop: CallInterrupted) -> None:
         ids = ", ".join(job.request_id for job in batch)
         logger.info("stopped a batch after %d steps (%s): %s", stop.steps_run, stop.reason, ids)
         for job in batch:
             if not job.future.done():
                 job.future.set_exception(ServiceUnavailableError(f"The request was stopped: {stop.reason}."))
 
-    def _run_images_one_by_one(self, job: _Job) -> None:
+    def _run_images_one_by_one(self, job: Job) -> None:
         """Retry an out-of-memory request image by image (image i keeps seed + i)."""
         images: list[np.ndarray] = []
         try:
@@ -498,7 +579,7 @@ class GenerationEngine:
             job.future.set_exception(self._translate(exc, job))
             return
         logger.info("request %s: out of GPU memory as one batch; generated image by image", job.request_id)
-        job.future.set_result(images)
+        self._deliver(job, images)
 
     @staticmethod
     def _is_out_of_memory(exc: BaseException) -> bool:
@@ -513,7 +594,7 @@ class GenerationEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _translate(self, exc: Exception, job: _Job) -> APIError:
+    def _translate(self, exc: Exception, job: Job) -> APIError:
         if isinstance(exc, APIError):
             return exc
         if self._is_out_of_memory(exc):

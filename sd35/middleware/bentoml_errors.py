@@ -6,7 +6,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from sd35.errors import APIError, InternalError, RateLimitError, RequestTimeoutError, error_bytes
+from sd35.errors import APIError, InternalError, QueueFullError, RequestTimeoutError, error_bytes
 from sd35.middleware.edge import real_path
 
 
@@ -32,7 +32,7 @@ def adopt_bentoml_traffic_errors() -> None:
             message = f"{detail or 'The request failed'}."
             self.error: APIError
             if status_code == 429:
-                self.error = RateLimitError(message, retry_after=1)
+                self.error = QueueFullError(message, retry_after=1)  # traffic.max_concurrency: the server is full
             elif status_code == 504:
                 self.error = RequestTimeoutError(message)
             else:
