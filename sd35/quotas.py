@@ -122,12 +122,15 @@ class QuotaLedger:
     def _state(limit: int, level: float) -> QuotaState:
         return QuotaState(limit, max(0, math.floor(limit - level + _EPSILON)), level * WINDOW_SECONDS / limit)
 
-    def take(self, name: str, limit: int, images: int) -> QuotaState:
-        """Count ``images`` against the key's quota, or raise 429 ``rate_limit_exceeded`` (nothing counted)."""
+    def take(self, name: str, limit: int, images: int, asked: str | None = None) -> QuotaState:
+        """Count ``images`` against the key's quota, or raise 429 ``rate_limit_exceeded`` (nothing counted).
+
+        ``asked`` names what was asked for in the 400 for more than a minute's images (default ``n=<images>``).
+        """
         if images > limit:
             raise ValidationError(
-                f"n={images} is more than this API key may generate in a minute (images_per_minute={limit}); "
-                "ask for fewer images.",
+                f"{asked or f'n={images}'} is more than this API key may generate in a minute "
+                f"(images_per_minute={limit}); ask for fewer images.",
                 param="n",
             )
         with self._lock, self._transaction() as db:

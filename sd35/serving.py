@@ -146,23 +146,23 @@ class ImageServing:
         context = contextvars.copy_context()
         return asyncio.get_running_loop().run_in_executor(pool, functools.partial(context.run, work, *args))
 
-    def _deadline(self) -> float:
+    def deadline(self) -> float:
         """When a request that starts now must be answered (REQUEST_TIMEOUT), on the event loop's clock."""
         return asyncio.get_running_loop().time() + self.settings.request_timeout
 
-    def _timed_out(self) -> RequestTimeoutError:
+    def timed_out(self) -> RequestTimeoutError:
         return RequestTimeoutError(
             f"The request did not finish within {self.settings.request_timeout:g} seconds (REQUEST_TIMEOUT); "
             "try again later, or with fewer or smaller images."
         )
 
-    async def _within(self, deadline: float, work: Awaitable[T]) -> T:
+    async def within(self, deadline: float, work: Awaitable[T]) -> T:
         """``work``, or a 504 once ``deadline`` has passed (the work is cancelled)."""
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(work, max(remaining, 0))
         except TimeoutError:
-            raise self._timed_out() from None
+            raise self.timed_out() from None
 
     def check_n(self, n: int | None) -> int:
         """The request's n, within 1..MAX_IMAGES_PER_REQUEST (the server's cap, not a fixed one)."""
@@ -309,8 +309,8 @@ class ImageServing:
     ) -> GenerationParams:
         """:meth:`edit_params` off the event loop (decoding images takes CPU time)."""
         self.check_n(request.n)  # before any image is decoded
-        deadline = self._deadline() if deadline is None else deadline
-        return await self._within(deadline, self._in(self._decoders, self.edit_params, request, uploads, mask))
+        deadline = self.deadline() if deadline is None else deadline
+        return await self.decode(deadline, self.edit_params, request, uploads, mask)
 
     async def edit(
         self,
@@ -319,13 +319,13 @@ class ImageServing:
         mask: bytes | None,
         base_url: str,
     ) -> bytes:
-        deadline = self._deadline()
+        deadline = self.deadline()
         params = await self.decode_edit(request, uploads, mask, deadline)
         return await self._respond(params, request, base_url, deadline)
 
     async def generate(self, request: ImageGenerationRequest, base_url: str) -> bytes:
         """The JSON body of the response; ``base_url``: where clients reach this service, for `url` images."""
-        return await self._respond(self.params_for(request), request, base_url, self._deadline())
+        return await self._respond(self.params_for(request), request, base_url, self.deadline())
 
     def _chunks(self, params: GenerationParams) -> list[GenerationParams]:
         """The request as engine jobs of at most MAX_BATCH_IMAGES (as the memory plan resolved it).
@@ -355,14 +355,9 @@ class ImageServing:
     def _submit(self, params: GenerationParams) -> list[Job]:
         """Queue every chunk of the request, its images counted against the caller's quota once; if one chunk
         is refused (queue full), none stays queued and the quota is given back."""
-        queue = self.engine.settings.max_queue_images
-        if params.num_images > queue:
-            # Chunks would each fit, but together never: the 400 the engine gives a request this large.
-            raise ValidationError(
-                f"n={params.num_images} is more than this server queues at once (MAX_QUEUE_IMAGES={queue}); "
-                "ask for fewer images.",
-                param="n",
-            )
+        # Chunks might each fit, but together never: the 400 the engine gives a request this large, the whole
+        # request checked against the server's queue and the key's share of it.
+        self.engine.check_queueable(params.num_images, KEY_NAME.get())
         jobs: list[Job] = []
         with self._counted(params.num_images):
             try:
@@ -393,27 +388,51 @@ class ImageServing:
         (``engine.generate`` for requests of any size; ``timeout``: REQUEST_TIMEOUT when None)."""
         return await self._results(self._submit(params), timeout)
 
+    @staticmethod
     @contextlib.contextmanager
-    def _counted(self, images: int) -> Iterator[None]:
-        """Count ``images`` against the caller's quota while work is queued; given back if it is not queued."""
-        key = CURRENT_KEY.get()
-        limit = key.images_per_minute if key is not None else 0
+    def _refusals_counted() -> Iterator[None]:
+        """A 429 raised here is counted in the caller's key metrics (quota or queue)."""
         try:
-            if limit:
-                self.quotas.take(key.name, limit, images)
-            try:
-                yield
-            except APIError:
-                if limit:
-                    self.quotas.give_back(key.name, limit, images)
-                raise
+            yield
         except TooManyRequestsError as refused:
             metrics.KEY_REJECTED.labels(key=KEY_NAME.get(), code=refused.code).inc()
             raise
 
+    @staticmethod
+    def _quota() -> tuple[str, int] | None:
+        """The caller's key name and ``images_per_minute``, when it has a quota."""
+        key = CURRENT_KEY.get()
+        return (key.name, key.images_per_minute) if key is not None and key.images_per_minute else None
+
+    def take_quota(self, images: int, asked: str | None = None) -> None:
+        """Count a whole request's ``images`` against the caller's quota, once, before any of it is queued:
+        429 when they do not fit now, 400 when they never could (``asked`` says what was asked for)."""
+        quota = self._quota()
+        if quota is not None:
+            with self._refusals_counted():
+                self.quotas.take(*quota, images, asked=asked)
+
+    def give_back_quota(self, images: int) -> None:
+        """Uncount images of the caller's request that were never queued."""
+        quota = self._quota()
+        if quota is not None and images:
+            self.quotas.give_back(*quota, images)
+
+    @contextlib.contextmanager
+    def _counted(self, images: int) -> Iterator[None]:
+        """Count ``images`` against the caller's quota while work is queued; given back if it is not queued."""
+        self.take_quota(images)
+        try:
+            with self._refusals_counted():
+                yield
+        except APIError:
+            self.give_back_quota(images)
+            raise
+
     def submit(self, params: GenerationParams) -> Job:
-        """Queue one engine job (another surface's, AUTOMATIC1111's), counted against the caller's quota."""
-        with self._counted(params.num_images):
+        """Queue one engine job of a request whose images were counted already (:meth:`take_quota`): another
+        surface's, AUTOMATIC1111's, which queues its iterations one after another."""
+        with self._refusals_counted():
             return self.engine.submit(params)
 
     async def _respond(
@@ -432,9 +451,9 @@ class ImageServing:
         try:
             images = await self.run(params, timeout=max(deadline - loop.time(), 0))
         except RequestTimeoutError:
-            raise self._timed_out() from None
+            raise self.timed_out() from None
         if url:
-            encoded = await self._within(
+            encoded = await self.within(
                 deadline,
                 asyncio.gather(
                     *(self._in(self._encoders, encode_image, px, output_format, compression) for px in images)
@@ -444,7 +463,7 @@ class ImageServing:
             items = [responses.url_item(await self._store(data, output_format, base_url, deadline)) for data in encoded]
         else:
             jobs = (self._in(self._encoders, _encode_b64, px, output_format, compression) for px in images)
-            items = await self._within(deadline, asyncio.gather(*jobs))
+            items = await self.within(deadline, asyncio.gather(*jobs))
         counted = self._in(self._encoders, self.engine.usage, params)
         metrics.IMAGES_GENERATED.labels(model=self._model_label(params)).inc(len(items))
         metrics.KEY_REQUEST_SECONDS.labels(key=KEY_NAME.get()).observe(time.monotonic() - started)
@@ -543,8 +562,13 @@ class ImageServing:
         return ModelList(data=cards)
 
     async def offload(self, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)`` on the encoding pool: CPU work (decoding, encoding) kept off the event loop."""
+        """``work(*args)`` on the encoding pool: CPU work (encoding) kept off the event loop."""
         return await self._in(self._encoders, work, *args)
+
+    async def decode(self, deadline: float, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on the decoding pool, within ``deadline``: uploads decoded (another surface's too), as
+        edits decode theirs, without holding up the encoders."""
+        return await self.within(deadline, self._in(self._decoders, work, *args))
 
     def model(self, name: str) -> ModelCard:
         """One model that :meth:`models` lists, by its exact id; anything else is OpenAI's ``model_not_found``."""

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +422,53 @@ def test_an_invalid_field_is_a_422_whose_detail_names_it(
     client: TestClient, path: str, body: dict[str, Any], field: str
 ) -> None:
     assert_a1111_error(client.post(path, json={"prompt": "a cat", **FAST, **body}), 422, field)
+
+
+def test_batch_size_follows_the_batch_size_the_memory_plan_resolved(client: TestClient, monkeypatch) -> None:
+    """One iteration is one pipeline call: never larger than MAX_BATCH_IMAGES as the engine resolved it (the memory
+    plan lowers it where a full batch would not fit the GPU), not as it was configured."""
+    running = engine()
+    monkeypatch.setattr(running, "settings", replace(running.settings, max_batch_images=2))
+    response = client.post(TXT2IMG, json={"prompt": "a cat", **FAST, "batch_size": 3})
+    assert_a1111_error(response, 422, "'batch_size'", "MAX_BATCH_IMAGES=2")
+
+
+def test_img2img_inputs_are_decoded_on_the_decoding_pool(client: TestClient, monkeypatch) -> None:
+    """As edits' uploads are: a large input never holds the threads that encode everyone's responses."""
+    from sd35.a1111 import translate
+
+    threads: list[str] = []
+    plan_img2img = translate.plan_img2img
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return plan_img2img(*args)
+
+    monkeypatch.setattr(translate, "plan_img2img", recorded)
+    response = client.post(IMG2IMG, json={"prompt": "a cat", **FAST, "init_images": [INIT]})
+    assert response.status_code == 200, response.text
+    assert len(threads) == 1 and threads[0].startswith("sd35-decode"), threads
+
+
+def test_a_timeout_names_request_timeout_not_what_an_iteration_had_left(client: TestClient, monkeypatch) -> None:
+    from sd35.errors import RequestTimeoutError
+
+    waits: list[float] = []
+
+    async def late(job: Any, timeout: float) -> Any:
+        """The first iteration takes 0.2 s, the second times out with what was left of the request's time."""
+        running.abandon(job)
+        waits.append(timeout)
+        if len(waits) == 1:
+            await asyncio.sleep(0.2)
+            return [np.zeros((256, 256, 3), np.uint8)] * job.images
+        raise RequestTimeoutError(f"The request did not finish within {timeout:g} seconds (REQUEST_TIMEOUT).")
+
+    running = engine()
+    monkeypatch.setattr(running, "result", late)
+    response = client.post(TXT2IMG, json={"prompt": "a cat", **FAST, "n_iter": 2})
+    assert_a1111_error(response, 504, "within 300 seconds (REQUEST_TIMEOUT)")
+    assert len(waits) == 2 and waits[1] < 299.9, waits
 
 
 @pytest.mark.parametrize("content", [b"", b"not json", b"[1, 2]", b'"text"', b"null"])

@@ -286,3 +286,22 @@ def test_a_request_larger_than_the_queue_is_a_400_even_in_batches(client: TestCl
     monkeypatch.setattr(serving.engine, "settings", replace(serving.engine.settings, max_queue_images=6))
     error = assert_openai_error(client.post(GEN, json={"prompt": "a", "n": 8, **FAST}), 400, "validation_error", "n")
     assert "MAX_QUEUE_IMAGES=6" in error["message"], "batches of 4 would each fit; all 8 never could"
+
+
+def test_a_request_larger_than_the_keys_share_of_the_queue_is_a_400_even_in_batches(
+    client: TestClient, monkeypatch
+) -> None:
+    from sd35.engine.fairness import EqualShares
+
+    serving = importlib.import_module("service").app.state.serving
+    engine = serving.engine
+    monkeypatch.setattr(engine, "policy", EqualShares(6))  # every key may have 6 images queued
+    params = serving.params_for(_generation(n=8))
+    # The engine's lock held, the worker takes nothing: the 2nd batch of 4 meets the 4 of the 1st. Checked batch by
+    # batch, that was a 429 to retry for ever (or a 200, when the worker had taken the 1st batch in time).
+    with engine._cond, pytest.raises(ValidationError) as never:
+        serving._submit(params)
+    assert never.value.param == "n" and "6 per API key" in never.value.message
+    assert engine.queued_images == 0
+    refused = client.post(GEN, json={"prompt": "a", "n": 8, **FAST})
+    assert "6 per API key" in assert_openai_error(refused, 400, "validation_error", "n")["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -115,7 +116,8 @@ def keyed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     path.write_text(
         "[keys.capped]\nkey = 'sk-capped'\nimages_per_minute = 3\n\n"
         "[keys.free]\nkey = 'sk-free'\n\n"
-        "[keys.watcher]\nkey = 'sk-watcher'\nadmin = true\n"
+        "[keys.watcher]\nkey = 'sk-watcher'\nadmin = true\n\n"
+        "[keys.painter]\nkey = 'sk-painter'\nimages_per_minute = 4\n"
     )
     env = {"MODEL_ID": str(tiny_model_dir), "API_KEYS_FILE": str(path), "WARMUP": "false"}
     with service_client({**env, "CORS_ALLOW_ORIGINS": "https://chat.example.com"}) as client:
@@ -160,7 +162,7 @@ def test_the_queue_view_shows_names_never_keys(keyed: TestClient) -> None:
     view = admin.json()
     assert view["object"] == "queue" and view["policy"] == "fair" and view["worker"] == 1
     names = {line["name"]: line for line in view["keys"]}
-    assert set(names) == {"capped", "free", "watcher"}
+    assert set(names) == {"capped", "free", "watcher", "painter"}
     assert names["capped"]["images_per_minute"] == 3 and "remaining_images" in names["capped"]
     assert names["free"]["max_queue_images"] == 32, "several keys: half the queue each by default"
     assert "sk-" not in admin.text
@@ -168,3 +170,42 @@ def test_the_queue_view_shows_names_never_keys(keyed: TestClient) -> None:
     own = keyed.get("/v1/queue", headers=auth("sk-free")).json()
     assert [line["name"] for line in own["keys"]] == ["free"], "a tenant sees its own line, not the others' names"
     assert_openai_error(keyed.get("/v1/queue"), 401, "authentication_error")
+
+
+def _request_count(key: str) -> float:
+    from sd35 import metrics
+
+    return next(
+        sample.value
+        for metric in metrics.KEY_REQUEST_SECONDS.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count") and sample.labels.get("key") == key
+    )
+
+
+def test_an_a1111_request_is_counted_once_and_refused_before_any_gpu_work(keyed: TestClient) -> None:
+    """txt2img's batch_size × n_iter images meet the key's quota as one request, as an OpenAI request's n does:
+    iterations queued one after another must not each be counted, or refused after others have run."""
+    engine = importlib.import_module("service").app.state.serving.engine
+    painter, txt2img = ("webui", "sk-painter"), "/sdapi/v1/txt2img"
+    body = {"prompt": "a cat", "width": 256, "height": 256, "steps": 1}
+    calls = len(engine.served)
+
+    never = keyed.post(txt2img, json={**body, "batch_size": 2, "n_iter": 3}, auth=painter)
+    assert never.status_code == 422, never.text
+    assert "batch_size × n_iter = 6" in never.json()["detail"] and "images_per_minute=4" in never.json()["detail"]
+    assert len(engine.served) == calls, "no iteration ran"
+
+    assert keyed.post(GEN, json=BODY, headers=auth("sk-painter")).headers["x-ratelimit-remaining-images"] == "3"
+    refused = keyed.post(txt2img, json={**body, "batch_size": 2, "n_iter": 2}, auth=painter)
+    assert refused.status_code == 429 and set(refused.json()) == {"detail"}, refused.text
+    assert "images_per_minute" in refused.json()["detail"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 59 and int(refused.headers["retry-after-ms"]) >= 1000
+    assert refused.headers["x-ratelimit-remaining-images"] == "3", "nothing counted"
+    assert len(engine.served) == calls + 1, "only the OpenAI request ran"
+
+    answered = _request_count("painter")
+    made = keyed.post(txt2img, json={**body, "batch_size": 1, "n_iter": 3}, auth=painter)
+    assert made.status_code == 200 and len(made.json()["images"]) == 3, made.text
+    assert made.headers["x-ratelimit-limit-images"] == "4" and made.headers["x-ratelimit-remaining-images"] == "0"
+    assert _request_count("painter") == answered + 1, "sd35_key_request_seconds counts AUTOMATIC1111's requests too"

@@ -42,6 +42,7 @@ from sd35.a1111.protocol import (
 )
 from sd35.engine import GenerationParams
 from sd35.engine.worker import JobProgress
+from sd35.errors import RequestTimeoutError
 from sd35.imaging import b64encode, encode_image
 from sd35.logs import KEY_NAME
 from sd35.serving import ImageServing
@@ -81,6 +82,11 @@ class _Run:
     def unrun(self) -> int:
         """Iterations that an interrupt kept from ever being submitted."""
         return len(self.planned) - len(self.jobs) if self.interrupted else 0
+
+    def never_queued(self) -> int:
+        """Images of iterations never submitted (refused, interrupted, given up) or dropped from the queue."""
+        unsubmitted = sum(params.num_images for params in self.planned[len(self.jobs) :])
+        return unsubmitted + sum(job.params.num_images for job in self.jobs if id(job) in self.dropped)
 
 
 class A1111Serving:
@@ -156,23 +162,32 @@ class A1111Serving:
     # --- generation ----------------------------------------------------------------
 
     async def generate(self, request: Txt2ImgRequest | Img2ImgRequest) -> bytes:
-        """The JSON body of a txt2img or img2img answer."""
+        """The JSON body of a txt2img or img2img answer, within REQUEST_TIMEOUT (decoding included)."""
+        started = time.monotonic()
+        deadline = self.serving.deadline()
         checkpoint = self._checkpoint()
+        # The engine's settings: its batch size is the one the memory plan resolved.
+        settings = self.engine.settings
         if isinstance(request, Img2ImgRequest):
-            # Decoding the input and the mask is CPU work: off the event loop.
-            plan = await self.serving.offload(translate.plan_img2img, self.settings, request, checkpoint)
+            # Decoding the input and the mask is CPU work: off the event loop, on the pool edits decode on.
+            plan = await self.serving.decode(deadline, translate.plan_img2img, settings, request, checkpoint)
         else:
-            plan = translate.plan(self.settings, request, checkpoint)
+            plan = translate.plan(settings, request, checkpoint)
+        # The whole request is counted against the key's quota once, before any iteration is queued (a 429
+        # then costs no GPU work), as an OpenAI request is; what is never queued is given back.
+        total = sum(params.num_images for params in plan.jobs)
+        self.serving.take_quota(total, asked=f"batch_size × n_iter = {total}")
         run = _Run(plan.kind, time.strftime("%Y%m%d%H%M%S"), plan.jobs)
         key = KEY_NAME.get()
         self._runs.setdefault(key, []).append(run)
         try:
-            results = await self._run(run)
+            results = await self._run(run, deadline)
         finally:
             runs = self._runs[key]
             runs.remove(run)
             if not runs:
                 del self._runs[key]
+            self.serving.give_back_quota(run.never_queued())
         images = [image for result in results for image in result]
         # The seeds of the images answered: an iteration interrupted before it ran has none.
         seeds = [seed for job, result in zip(plan.jobs, results, strict=True) for seed in job.seeds()[: len(result)]]
@@ -181,14 +196,15 @@ class A1111Serving:
         metrics.IMAGES_GENERATED.labels(model=label).inc(len(images))
         encoded: list[bytes] = []
         if request.send_images is not False:
-            encoded = list(await asyncio.gather(*(self.serving.offload(_png_b64, pixels) for pixels in images)))
+            pngs = asyncio.gather(*(self.serving.offload(_png_b64, pixels) for pixels in images))
+            encoded = list(await self.serving.within(deadline, pngs))
+        metrics.KEY_REQUEST_SECONDS.labels(key=key).observe(time.monotonic() - started)
         return images_body(encoded, translate.parameters(request), translate.info(plan, seeds, run.timestamp))
 
-    async def _run(self, run: _Run) -> list[list[np.ndarray]]:
+    async def _run(self, run: _Run, deadline: float) -> list[list[np.ndarray]]:
         """The iterations' images, queued one after another (one dropped or never run gives none);
         giving up (timeout, queue full, client gone) drops the rest."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout
         results: list[list[np.ndarray]] = []
         try:
             for params in run.planned:
@@ -199,6 +215,9 @@ class A1111Serving:
                 run.jobs.append(job)
                 try:
                     results.append(await self.engine.result(job, max(deadline - loop.time(), 0.001)))
+                except RequestTimeoutError:
+                    # The request's REQUEST_TIMEOUT, not what was left of it for this iteration.
+                    raise self.serving.timed_out() from None
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if id(job) in run.dropped and not (task is not None and task.cancelling()):

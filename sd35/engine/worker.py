@@ -364,18 +364,8 @@ class GenerationEngine:
                 f"The model is not ready: {status.detail}.", retry_after=None if failed else 10, retryable=not failed
             )
         job = Job(params)
+        self.check_queueable(params.num_images, job.key)
         total_limit, key_limit = self.settings.max_queue_images, self.policy.queue_limit(job.key)
-        if params.num_images > min(total_limit, key_limit):
-            # Can never be queued: a 400, not a 429 to retry forever.
-            setting = (
-                f"MAX_QUEUE_IMAGES={total_limit}"
-                if total_limit <= key_limit
-                else f"{key_limit} per API key, MAX_QUEUE_IMAGES_PER_KEY or the key's max_queue_images"
-            )
-            raise ValidationError(
-                f"n={params.num_images} is more than this server queues at once ({setting}); ask for fewer images.",
-                param="n",
-            )
         with self._cond:
             if self._closed or self._draining:
                 raise ServiceUnavailableError.shutting_down()
@@ -396,6 +386,20 @@ class GenerationEngine:
             self._cond.notify()
         job.future.add_done_callback(lambda future: self._forget_if_cancelled(job, future))
         return job
+
+    def check_queueable(self, images: int, key: str) -> None:
+        """A 400 for a request of ``images`` that this key could never have queued at once, not a 429 to retry
+        forever. A request split into several jobs is checked whole: its jobs are queued together."""
+        total_limit, key_limit = self.settings.max_queue_images, self.policy.queue_limit(key)
+        if images > min(total_limit, key_limit):
+            setting = (
+                f"MAX_QUEUE_IMAGES={total_limit}"
+                if total_limit <= key_limit
+                else f"{key_limit} per API key, MAX_QUEUE_IMAGES_PER_KEY or the key's max_queue_images"
+            )
+            raise ValidationError(
+                f"n={images} is more than this server queues at once ({setting}); ask for fewer images.", param="n"
+            )
 
     def _seconds_for(self, images: int) -> float:
         """Roughly how long the GPU needs for this many queued images."""
