@@ -269,3 +269,32 @@ def test_close_waits_for_the_running_batch(tiny_pipe: Any) -> None:
         assert time.monotonic() - started >= 0.25
         assert len(loop.run_until_complete(blocker)) == 1
         loop.close()
+
+
+def test_the_workers_log_lines_name_the_keys_of_its_batch(engine: GenerationEngine) -> None:
+    """Its lines carry the requests' ids and their keys' names (never ``key=-``), as the requests' own lines do."""
+    import logging
+
+    from sd35.logs import KEY_NAME, REQUEST_ID
+
+    seen: list[tuple[str, str, str]] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # in the thread that logs, with its context
+            seen.append((record.getMessage(), REQUEST_ID.get(), KEY_NAME.get()))
+
+    async def failing() -> None:
+        REQUEST_ID.set("req-1")
+        KEY_NAME.set("alice")
+        with pytest.raises(GenerationFailedError):
+            await engine.generate(params(1, "boom"))
+
+    logger = logging.getLogger("sd35.engine.worker")
+    recorder = Recorder(logging.ERROR)
+    logger.addHandler(recorder)
+    engine.pipeline.fail_on["boom"] = RuntimeError("boom")
+    try:
+        run(failing())
+    finally:
+        logger.removeHandler(recorder)
+    assert [(rid, key) for message, rid, key in seen if "generation failed" in message] == [("req-1", "alice")]

@@ -495,11 +495,13 @@ class GenerationEngine:
         while (batch := self._next_batch()) is not None:
             if batch:
                 self._running = batch
-                # The worker thread's log lines name the requests of the batch it runs.
+                # The worker thread's log lines name the requests of the batch it runs, and their keys' names.
                 token = REQUEST_ID.set(",".join(job.request_id for job in batch))
+                key_token = KEY_NAME.set(",".join(dict.fromkeys(job.key for job in batch)))
                 try:
                     self._run_batch(batch)
                 finally:
+                    KEY_NAME.reset(key_token)
                     REQUEST_ID.reset(token)
                     self._running = []
 
