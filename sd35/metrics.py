@@ -31,7 +31,7 @@ GENERATION_SECONDS = Histogram(
     "Seconds per pipeline call (one batch).",
     buckets=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60),
 )
-ERRORS = Counter("sd35_errors", "Error responses of the OpenAI routes, by code.", ["code"])
+ERRORS = Counter("sd35_errors", "Error responses by error code (OpenAI's codes, on every surface).", ["code"])
 
 # Per API key, by its name (never the key): names come from API_KEY ("default")
 # and API_KEYS_FILE, or "-" with authentication off, so the label stays bounded.

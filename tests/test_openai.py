@@ -277,6 +277,10 @@ def test_openapi_document_lists_the_new_errors_and_headers(client: TestClient) -
         assert {"retry-after", "retry-after-ms", "x-should-retry"} <= set(generations[status]["headers"])
     retrieve = paths["/v1/models/{model}"]["get"]
     assert "model_not_found" in retrieve["responses"]["404"]["description"]
+    # Swagger UI's "Authorize" sends the key where one is needed, and only there: image URLs are capabilities.
+    bearer = [{"bearerAuth": []}]
+    assert retrieve["security"] == bearer and paths["/v1/queue"]["get"]["security"] == bearer
+    assert "security" not in paths["/v1/images/files/{name}"]["get"]
     n = client.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]["properties"]["n"]
     assert (n["minimum"], n["maximum"]) == (1, 10) and "MAX_IMAGES_PER_REQUEST" in n["description"]
 

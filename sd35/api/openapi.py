@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from sd35.auth import is_protected
 from sd35.errors import surface_of
 from sd35.protocol import ErrorResponse, ImageStreamEvent, StreamErrorEvent
 
@@ -85,7 +86,7 @@ def describe_as_served(app: FastAPI) -> None:
 
     FastAPI documents a 422 for every body it validates; sd35 answers 400 in
     OpenAI's shape instead (AUTOMATIC1111's routes do answer 422). The Bearer
-    scheme is declared on the ``/v1`` routes, Basic and Bearer on ``/sdapi``,
+    scheme is declared on the ``/v1`` routes that need a key, Basic and Bearer on ``/sdapi``,
     so that Swagger UI's "Authorize" sends the key.
     """
     from fastapi.openapi.utils import get_openapi
@@ -119,7 +120,7 @@ def describe_as_served(app: FastAPI) -> None:
                     operation["security"] = [{"basicAuth": []}, {"bearerAuth": []}]
                     continue
                 operation.get("responses", {}).pop("422", None)
-                if path.startswith("/v1"):
+                if is_protected(path):  # not the image URLs, which are capability URLs
                     operation["security"] = [{"bearerAuth": []}]
         app.openapi_schema = schema
         return schema
