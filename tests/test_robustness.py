@@ -44,7 +44,8 @@ def test_bentomls_own_429_and_504_are_openai_shaped() -> None:
         await gate.wait()
         return JSONResponse({})
 
-    timed = EdgeMiddleware(TimeoutMiddleware(Starlette(routes=[Route("/v1/x", slow)]), timeout=0.05))
+    routes = [Route("/v1/x", slow), Route("/sdapi/v1/txt2img", slow, methods=["POST"])]
+    timed = EdgeMiddleware(TimeoutMiddleware(Starlette(routes=routes), timeout=0.05))
     with TestClient(timed) as client:
         response = client.get("/v1/x", headers={"x-request-id": "from-the-proxy"})
         error = assert_openai_error(response, 504, "timeout")
@@ -53,6 +54,10 @@ def test_bentomls_own_429_and_504_are_openai_shaped() -> None:
         assert (
             response.headers["x-request-id"] == "from-the-proxy" and int(response.headers["openai-processing-ms"]) >= 50
         )
+        # Under /sdapi, in AUTOMATIC1111's shape, stamped the same way.
+        a1111 = client.post("/sdapi/v1/txt2img")
+        assert a1111.status_code == 504 and set(a1111.json()) == {"detail"}, a1111.text
+        assert "x-request-id" in a1111.headers and "openai-processing-ms" in a1111.headers
 
     limited = MaxConcurrencyMiddleware(Starlette(routes=[Route("/v1/x", blocked)]), max_concurrency=1)
     with TestClient(limited) as client:
