@@ -175,6 +175,10 @@ def test_openapi_documents_the_a1111_routes_with_their_422_and_basic_auth(client
     operation = schema["paths"][TXT2IMG]["post"]
     assert operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/A1111Error")
     assert {"basicAuth": []} in operation["security"]
+    # The statuses its requests really meet, the retryable ones with their delay, and no more.
+    assert {"401", "408", "422", "429", "500", "503", "504"} <= set(operation["responses"])
+    assert {"retry-after", "retry-after-ms"} <= set(operation["responses"]["429"]["headers"])
+    assert set(schema["paths"][f"{A}/options"]["post"]["responses"]) == {"200", "401", "422"}
     assert "422" not in schema["paths"][GEN]["post"]["responses"]
     # Every reference resolves (ReDoc refuses to render a document with a dangling one).
     text = json.dumps(schema)

@@ -33,6 +33,7 @@ from sd35.a1111.protocol import (
 from sd35.a1111.serving import A1111Serving
 from sd35.api.deps import Serving
 from sd35.api.disconnects import unless_disconnected
+from sd35.api.openapi import RETRY_HEADERS
 
 PREFIX = "/sdapi/v1"
 
@@ -54,13 +55,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": A1111Error, "description": description}
     for status, description in {
         401: "Missing or wrong credentials: HTTP Basic with an API key as the password, or Bearer.",
+        408: "The request body stopped arriving, or arrived too slowly (BODY_READ_TIMEOUT, BODY_MIN_RATE).",
         422: "Invalid request; `detail` names the field.",
-        429: "Too much queued work; see `Retry-After`.",
+        429: "The API key is over its `images_per_minute` (batch_size × n_iter images, counted once), or the queue "
+        "is full; `retry-after` / `retry-after-ms` say when to retry.",
         500: "Generation failed, or the GPU ran out of memory.",
-        503: "The model is loading or failed to load.",
+        503: "The model is loading or failed to load, too many request bodies are being read at once, or the "
+        "server is shutting down.",
         504: "The request outlived REQUEST_TIMEOUT.",
     }.items()
 }
+for _status in (429, 503):
+    ERRORS[_status]["headers"] = RETRY_HEADERS
 AUTH_ONLY = {401: ERRORS[401]}
 NULL = {200: {"description": "`null`, as AUTOMATIC1111 answers.", "content": {"application/json": {}}}}
 
@@ -74,7 +80,7 @@ async def get_options(a1111: A1111) -> Options:
     return a1111.options()
 
 
-@router.post("/options", response_model=None, responses={**NULL, **ERRORS})
+@router.post("/options", response_model=None, responses={**NULL, **AUTH_ONLY, 422: ERRORS[422]})
 async def set_options(a1111: A1111, options: Annotated[dict[str, Any], Body()]) -> None:
     """Only `sd_model_checkpoint` is honoured: the base model's title, or a LoRA adapter's name, for your
     later requests (per API key). Other settings are accepted and ignored."""
