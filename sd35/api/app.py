@@ -13,7 +13,7 @@ def create_app() -> FastAPI:
     """The app; ``app.state.serving`` is attached when the service starts."""
     app = FastAPI(
         title="sd35 — OpenAI-compatible image generation",
-        summary="Stable Diffusion 3.5 Large Turbo behind the OpenAI Images API.",
+        summary="Stable Diffusion 3.5 Large Turbo behind the OpenAI Images API and AUTOMATIC1111's web UI API.",
         version="1.0.0",
         # Served by sd35.api.docs from local assets instead of a CDN.
         docs_url=None,
