@@ -94,21 +94,24 @@ def test_stream_validation_errors_are_plain_400s(client: TestClient) -> None:
     assert_openai_error(client.post(GEN, json=body), 400, "validation_error", "partial_images")
 
 
-def test_a_stream_whose_client_leaves_gives_its_place_back(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("n", [1, 10], ids=["one-batch", "three-batches"])
+def test_a_stream_whose_client_leaves_gives_its_place_back(tiny_model_dir: Path, n: int) -> None:
+    """Every batch of the request leaves the queue (n=10 runs as batches of 4, 4 and 2)."""
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    with running_engine(pipe) as engine:
-        serving = ImageServing(Settings(model_id="tiny", warmup=False), engine, store=None)  # type: ignore[arg-type]
+    with running_engine(pipe, max_batch_images=4) as engine:
+        settings = Settings(model_id="tiny", warmup=False, max_images_per_request=10, max_batch_images=4)
+        serving = ImageServing(settings, engine, store=None)  # type: ignore[arg-type]
         from sd35.protocol import ImageGenerationRequest
 
-        request = ImageGenerationRequest(prompt="gone", size="256x256", stream=True, partial_images=2)
+        request = ImageGenerationRequest(prompt="gone", size="256x256", n=n, stream=True, partial_images=2)
 
         async def scenario() -> list[Any]:
             blocker = await _hold_worker(engine)
             events = serving.stream(serving.params_for(request), request, "image_generation")
-            assert engine.queued_images == 1
+            assert engine.queued_images == n and len(engine._queue) == (n + 3) // 4
             received = [item async for item in _until_disconnected(FakeDisconnectingRequest(0.05), events)]
             assert engine.queued_images == 0, "the queue place is free as soon as the client leaves"
             engine.pipeline.gate.set()
