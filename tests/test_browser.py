@@ -174,7 +174,9 @@ def test_playground_model_selector_lists_and_uses_the_adapters(server: Server, o
     body = {"prompt": "a lighthouse", "size": "512x512", "seed": 7, "n": 1, "response_format": "b64_json"}
     headers = {"Authorization": f"Bearer {KEY}"}
     direct = {
-        model: httpx.post(f"{server.url}/v1/images/generations", json={**body, "model": model}, headers=headers)
+        model: httpx.post(
+            f"{server.url}/v1/images/generations", json={**body, "model": model}, headers=headers, timeout=60
+        )
         for model in ("ink", "tiny-sd3")
     }
     assert shown == direct["ink"].json()["data"][0]["b64_json"] != direct["tiny-sd3"].json()["data"][0]["b64_json"]

@@ -230,7 +230,9 @@ def test_the_buffered_bytes_cap_refuses_the_next_upload(strict: Server) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # A body declared larger than what is left is refused before it is sent.
-        refused = httpx.post(f"{strict.url}/v1/images/edits", files={"image": b"x" * (600 << 10)}, data={"prompt": "x"})
+        refused = httpx.post(
+            f"{strict.url}/v1/images/edits", files={"image": b"x" * (600 << 10)}, data={"prompt": "x"}, timeout=30
+        )
         error = assert_openai_error(refused, 503, "server_busy")
         assert "MAX_BUFFERED_BYTES" in error["message"] and int(refused.headers["retry-after"]) >= 1
         assert refused.headers["connection"] == "close"
@@ -239,7 +241,9 @@ def test_the_buffered_bytes_cap_refuses_the_next_upload(strict: Server) -> None:
     for sock in holders:  # they stop trickling: the read timeout frees their reservations
         status, _, body, closed = _reply(sock, timeout=5)
         assert (status, body["error"]["code"], closed) == (408, "request_timeout", True)
-    accepted = httpx.post(f"{strict.url}/v1/images/edits", files={"image": b"x" * 1000}, data={"prompt": "x"})
+    accepted = httpx.post(
+        f"{strict.url}/v1/images/edits", files={"image": b"x" * 1000}, data={"prompt": "x"}, timeout=30
+    )
     assert_openai_error(accepted, 400, "validation_error", "image")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -58,20 +59,37 @@ def pixels_of(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
-async def _hammer(server: Server, references: dict[tuple[str, int], np.ndarray]) -> tuple[list, list[int]]:
+CLIENTS, REQUESTS_PER_CLIENT = 32, 6
+
+
+async def _hammer(server: Server, references: dict[tuple[str, int], np.ndarray]) -> tuple[list, list, list[int]]:
+    """32 clients, each asking for its images one after another and retrying a 429 until it is served.
+
+    The server's throughput is not what this checks: how many first tries succeed depends on how fast a
+    429 is answered, so every request is retried until served and the assertions are about correctness.
+    """
     keys = list(references)
-    outcomes: list[tuple[tuple[str, int], int, dict, dict]] = []
+    served: list[tuple[tuple[str, int], dict]] = []
+    refused: list[tuple[dict, dict]] = []
     health: list[int] = []
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=40)
     async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
 
         async def client(index: int) -> None:
-            for i in range(16):
-                prompt, seed = keys[(index * 16 + i) % len(keys)]
+            for i in range(REQUESTS_PER_CLIENT):
+                prompt, seed = keys[(index * REQUESTS_PER_CLIENT + i) % len(keys)]
                 body = {"prompt": prompt, "seed": seed, "size": "256x256", "num_inference_steps": 1}
-                response = await http.post("/v1/images/generations", json=body, headers=AUTH)
-                outcomes.append(((prompt, seed), response.status_code, response.json(), dict(response.headers)))
+                for _ in range(2000):
+                    response = await http.post("/v1/images/generations", json=body, headers=AUTH)
+                    if response.status_code != 429:
+                        break
+                    refused.append((response.json(), dict(response.headers)))
+                    # Far shorter than retry-after (1 s at least) so the test stays quick; jittered so
+                    # the clients do not retry in lockstep.
+                    await asyncio.sleep(0.02 + 0.03 * random.random())
+                assert response.status_code == 200, (response.status_code, response.text)
+                served.append(((prompt, seed), response.json()))
 
         async def watch_health() -> None:
             while not stop.is_set():
@@ -79,10 +97,12 @@ async def _hammer(server: Server, references: dict[tuple[str, int], np.ndarray])
                 await asyncio.sleep(0.2)
 
         watcher = asyncio.ensure_future(watch_health())
-        await asyncio.wait_for(asyncio.gather(*(client(index) for index in range(32))), timeout=600)
-        stop.set()
-        await watcher
-    return outcomes, health
+        try:
+            await asyncio.wait_for(asyncio.gather(*(client(index) for index in range(CLIENTS))), timeout=600)
+        finally:
+            stop.set()
+            await watcher
+    return served, refused, health
 
 
 def test_load_loses_and_mixes_up_nothing(server: Server) -> None:
@@ -96,18 +116,15 @@ def test_load_loses_and_mixes_up_nothing(server: Server) -> None:
             references[(prompt, seed)] = pixels_of(response.json()["data"][0]["b64_json"])
     memory_before = rss_bytes(server.process.pid)
 
-    outcomes, health = asyncio.run(_hammer(server, references))
+    served, refused, health = asyncio.run(_hammer(server, references))
 
-    assert len(outcomes) == 512
-    statuses = {status for _, status, _, _ in outcomes}
-    assert statuses <= {200, 429}, statuses
-    ok = [outcome for outcome in outcomes if outcome[1] == 200]
-    limited = [outcome for outcome in outcomes if outcome[1] == 429]
-    assert len(ok) >= 100, f"only {len(ok)} of 512 succeeded"
-    for key, _, payload, _ in ok:
+    assert len(served) == CLIENTS * REQUESTS_PER_CLIENT, "every request is served in the end"
+    for key, payload in served:
         image = pixels_of(payload["data"][0]["b64_json"])
         assert np.abs(image - references[key]).max() <= 1, f"{key} came back as another request's image"
-    for _, _, payload, headers in limited:
+    # 32 clients against a queue of 8 images: the queue must have been full at times.
+    assert refused, "the queue limit was never reached"
+    for payload, headers in refused:
         assert payload["error"]["code"] == "queue_full"
         # Both openai SDKs wait as told only below 60 s (Node: retry-after-ms first, under 60 000).
         assert 1 <= int(headers["retry-after"]) <= 59 and 1 <= int(headers["retry-after-ms"]) <= 59_000
