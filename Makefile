@@ -23,7 +23,7 @@ export HOST PORT
 # Keep BentoML's store and usage tracking out of the user's home.
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install lock serve demo test bench bench-fairness browser checkov lint format build containerize container-test \
+.PHONY: install lock serve demo test bench bench-against bench-fairness browser checkov lint format build containerize container-test \
 	container-test-cuda gpu-lock gpu-bundle gpu-bundle-nf4 gpu-rehearsal clean
 
 install: $(STAMP)
@@ -101,6 +101,11 @@ $(CHECKOV_VENV)/bin/checkov:
 ## bench: CPU benchmarks on the tiny model → bench/results/cpu-<date>.md (GPU: see bench/README.md)
 bench: install
 	$(BIN)/python -m bench.cpu
+
+## bench-against: this tree against another revision (REV=<commit>), both served side by side → bench/results/against-<date>.md
+bench-against: install
+	@test -n "$(REV)" || { echo "usage: make bench-against REV=<commit, tag or branch>"; exit 2; }
+	$(BIN)/python -m bench.against $(REV)
 
 ## bench-fairness: one key floods, another sends single images — FIFO vs fair queueing → bench/results/fairness-<date>.md
 bench-fairness: install

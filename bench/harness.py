@@ -97,8 +97,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def serve_process(env: dict[str, str], timeout: float = 600) -> Iterator[str]:
-    """``bentoml serve`` of the sd35 service configured by ``env``, on a loopback port; yields its base URL."""
+def serve_process(env: dict[str, str], timeout: float = 600, tree: Path = ROOT) -> Iterator[str]:
+    """``bentoml serve`` of the sd35 service configured by ``env``, on a loopback port; yields its base URL.
+
+    ``tree`` is the source tree it serves (another revision's checkout, to compare against), run with this
+    environment's packages.
+    """
     port = free_port()
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryFile() as log:
         full_env = {
@@ -114,7 +118,7 @@ def serve_process(env: dict[str, str], timeout: float = 600) -> Iterator[str]:
         bentoml = Path(sys.executable).with_name("bentoml")
         process = subprocess.Popen(
             [str(bentoml), "serve", "service:SD35"],
-            cwd=ROOT,
+            cwd=tree,
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -214,7 +218,9 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-async def _load(base_url: str, body: dict[str, Any], clients: int, per_client: int) -> LoadResult:
+async def _load(
+    base_url: str, body: dict[str, Any], clients: int, per_client: int, headers: dict[str, str] | None
+) -> LoadResult:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     images = 0
@@ -231,16 +237,18 @@ async def _load(base_url: str, body: dict[str, Any], clients: int, per_client: i
                 images += len(payload["data"])
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits, headers=headers) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(index, http) for index in range(clients)))
         seconds = time.perf_counter() - started
     return LoadResult(clients, clients * per_client, images, seconds, latencies, statuses)
 
 
-def load(base_url: str, body: dict[str, Any], clients: int, per_client: int) -> LoadResult:
+def load(
+    base_url: str, body: dict[str, Any], clients: int, per_client: int, headers: dict[str, str] | None = None
+) -> LoadResult:
     """``clients`` concurrent clients, each sending ``per_client`` requests back to back."""
-    return asyncio.run(_load(base_url, body, clients, per_client))
+    return asyncio.run(_load(base_url, body, clients, per_client, headers))
 
 
 def machine() -> str:
