@@ -398,7 +398,10 @@ class GenerationEngine:
                 else f"{key_limit} per API key, MAX_QUEUE_IMAGES_PER_KEY or the key's max_queue_images"
             )
             raise ValidationError(
-                f"n={images} is more than this server queues at once ({setting}); ask for fewer images.", param="n"
+                # Worded for every surface: an AUTOMATIC1111 caller sent batch_size, not n.
+                f"{images} images in one request are more than this server queues at once ({setting}); "
+                "ask for fewer images.",
+                param="n",
             )
 
     def _seconds_for(self, images: int) -> float:
