@@ -475,6 +475,43 @@ def test_a_timeout_names_request_timeout_not_what_an_iteration_had_left(client: 
     assert len(waits) == 2 and waits[1] < 299.9, waits
 
 
+def _queue_full_for_the_second_iteration(monkeypatch, refusals: int | None) -> list[int]:
+    """engine.submit refuses the second iteration ``refusals`` times (None: always) with the queue full."""
+    from sd35.errors import QueueFullError
+
+    running = engine()
+    submit = running.submit
+    calls: list[int] = []
+
+    def crowded(params: Any) -> Any:
+        calls.append(params.seed)
+        if len(set(calls)) == 2 and (refusals is None or calls.count(params.seed) <= refusals):
+            raise QueueFullError("The queue is full (MAX_QUEUE_IMAGES=1).", retry_after=1)
+        return submit(params)
+
+    monkeypatch.setattr(running, "submit", crowded)
+    return calls
+
+
+def test_a_later_iteration_that_finds_the_queue_full_waits_for_room(client: TestClient, monkeypatch) -> None:
+    calls = _queue_full_for_the_second_iteration(monkeypatch, refusals=3)
+    images, info, _ = txt2img(client, prompt="a cat", seed=40, n_iter=2)
+    assert len(images) == 2 and info["all_seeds"] == [40, 41]
+    assert calls == [40, 41, 41, 41, 41], "the first iteration once, the second refused three times, then queued"
+
+
+def test_a_later_iteration_waits_for_room_no_longer_than_request_timeout(client: TestClient, monkeypatch) -> None:
+    import service
+
+    serving = service.app.state.serving
+    monkeypatch.setattr(serving, "deadline", lambda: asyncio.get_running_loop().time() + 1.0)
+    calls = _queue_full_for_the_second_iteration(monkeypatch, refusals=None)
+    response = client.post(TXT2IMG, json={"prompt": "a cat", **FAST, "seed": 7, "n_iter": 2})
+    assert_a1111_error(response, 504, "REQUEST_TIMEOUT")
+    assert calls[0] == 7 and set(calls[1:]) == {8} and len(calls) > 3
+    assert engine().queued_images == 0
+
+
 @pytest.mark.parametrize("content", [b"", b"not json", b"[1, 2]", b'"text"', b"null"])
 def test_a_body_that_is_not_a_json_object_is_a_422(client: TestClient, content: bytes) -> None:
     response = client.post(TXT2IMG, content=content, headers={"content-type": "application/json"})

@@ -41,11 +41,14 @@ from sd35.a1111.protocol import (
     UpscalerItem,
 )
 from sd35.engine import GenerationParams
-from sd35.engine.worker import JobProgress
-from sd35.errors import RequestTimeoutError
+from sd35.engine.worker import Job, JobProgress
+from sd35.errors import QueueFullError, RequestTimeoutError
 from sd35.imaging import b64encode, encode_image
 from sd35.logs import KEY_NAME
 from sd35.serving import ImageServing
+
+# How often a later iteration that found the queue full tries again.
+_REQUEUE_SECONDS = 0.1
 
 
 def _png_b64(pixels: np.ndarray) -> bytes:
@@ -73,7 +76,7 @@ class _Run:
     timestamp: str
     planned: list[GenerationParams]
     # The engine jobs of the iterations submitted so far (one at a time).
-    jobs: list[Any] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
     # Jobs that interrupt dropped from the queue before they ran: answered with no images.
     dropped: set[int] = field(default_factory=set)
     interrupted: bool = False
@@ -211,7 +214,10 @@ class A1111Serving:
                 if run.interrupted:
                     results.append([])
                     continue
-                job = self.serving.submit(params)
+                job = await self._submit(run, params, deadline)
+                if job is None:  # interrupted while it waited for room in the queue
+                    results.append([])
+                    continue
                 run.jobs.append(job)
                 try:
                     results.append(await self.engine.result(job, max(deadline - loop.time(), 0.001)))
@@ -230,6 +236,25 @@ class A1111Serving:
                 self.engine.abandon(job)
             raise
         return results
+
+    async def _submit(self, run: _Run, params: GenerationParams, deadline: float) -> Job | None:
+        """Queue an iteration; ``None`` when an interrupt came first.
+
+        The first iteration is refused with a 429 when the queue is full, as any request is. A later one
+        waits for room instead, until REQUEST_TIMEOUT: the request's quota is counted and its earlier
+        iterations' GPU work is done, and a 429 now would throw that away.
+        """
+        if not run.jobs:
+            return self.serving.submit(params)
+        loop = asyncio.get_running_loop()
+        while not run.interrupted:
+            try:
+                return self.engine.submit(params)
+            except QueueFullError:
+                if loop.time() >= deadline:
+                    raise self.serving.timed_out() from None
+                await asyncio.sleep(min(_REQUEUE_SECONDS, max(deadline - loop.time(), 0)))
+        return None
 
     def _describe_stops(self, plan: translate.Plan, run: _Run) -> None:
         """Say in ``info`` how an interrupt or skip ended the request."""
