@@ -277,12 +277,28 @@ def test_openapi_document_lists_the_new_errors_and_headers(client: TestClient) -
         assert {"retry-after", "retry-after-ms", "x-should-retry"} <= set(generations[status]["headers"])
     retrieve = paths["/v1/models/{model}"]["get"]
     assert "model_not_found" in retrieve["responses"]["404"]["description"]
+    for path in ("/v1/models", "/v1/models/{model}", "/v1/queue"):
+        starting = paths[path]["get"]["responses"]["503"]
+        assert "model_not_loaded" in starting["description"] and "retry-after" in starting["headers"], path
     # Swagger UI's "Authorize" sends the key where one is needed, and only there: image URLs are capabilities.
     bearer = [{"bearerAuth": []}]
     assert retrieve["security"] == bearer and paths["/v1/queue"]["get"]["security"] == bearer
     assert "security" not in paths["/v1/images/files/{name}"]["get"]
     n = client.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]["properties"]["n"]
     assert (n["minimum"], n["maximum"]) == (1, 10) and "MAX_IMAGES_PER_REQUEST" in n["description"]
+
+
+def test_routes_that_need_no_model_answer_503_before_the_service_is_up(client: TestClient) -> None:
+    state = importlib.import_module("service").app.state
+    serving, state.serving = state.serving, None
+    try:
+        for path in ("/v1/models", "/v1/models/tiny-sd3", "/v1/queue"):
+            response = client.get(path)
+            assert_openai_error(response, 503, "model_not_loaded")
+            assert response.headers["retry-after"] == "5" and response.headers["x-should-retry"] == "true"
+    finally:
+        state.serving = serving
+    assert client.get("/v1/models").status_code == 200
 
 
 def test_a_request_larger_than_the_queue_is_a_400_even_in_batches(client: TestClient, monkeypatch) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from sd35.api.deps import Serving
-from sd35.api.openapi import ERRORS
+from sd35.api.openapi import ERRORS, STARTING
 from sd35.protocol import ErrorResponse, ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
+@router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401], **STARTING})
 async def list_models(serving: Serving) -> ModelList:
     return serving.models()
 
@@ -24,6 +24,7 @@ async def list_models(serving: Serving) -> ModelList:
     responses={
         401: ERRORS[401],
         404: {"model": ErrorResponse, "description": "Not a model served here (`model_not_found`)."},
+        **STARTING,
     },
     summary="Retrieve one model: the base model or an adapter",
 )

@@ -41,6 +41,16 @@ RETRY_HEADERS = {
 for _status in (429, 503):
     ERRORS[_status]["headers"] = RETRY_HEADERS
 
+# What a route that needs the serving layer but not the model answers in the moment before that layer exists
+# (while the model loads, such a route already answers).
+STARTING: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorResponse,
+        "description": "The service is starting (`model_not_loaded`, with `retry-after`).",
+        "headers": RETRY_HEADERS,
+    }
+}
+
 STREAMING: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The images; with `stream: true`, server-sent events "

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from sd35.api.deps import Serving
-from sd35.api.openapi import ERRORS
+from sd35.api.openapi import ERRORS, STARTING
 from sd35.keys import CURRENT_KEY
 from sd35.serving import ImageServing
 
@@ -80,7 +80,7 @@ def queue_view(serving: ImageServing) -> QueueView:
     "/v1/queue",
     response_model=QueueView,
     response_model_exclude_none=True,
-    responses={401: ERRORS[401]},
+    responses={401: ERRORS[401], **STARTING},
     summary="The queue per API key name (sd35 extension; admins see every key, others their own)",
 )
 async def get_queue(serving: Serving) -> QueueView:
