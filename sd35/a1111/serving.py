@@ -8,9 +8,10 @@ other callers' work is not held up behind a long request. What AUTOMATIC1111 kee
 state is kept per API key here, so that callers sharing the server do not see
 or stop each other's work: the ``sd_model_checkpoint`` option, and the running
 requests that ``progress`` reports and ``interrupt`` / ``skip`` end. With
-authentication off there is one caller, as with AUTOMATIC1111 itself. The state
-lives in the worker process (one per GPU): with ``WORKERS`` > 1, an option set
-on one worker is not seen by the others.
+authentication off there is one caller, as with AUTOMATIC1111 itself. With
+``WORKERS`` > 1 that state is on a board every worker shares
+(:mod:`sd35.a1111.board`), so a client's ``progress`` or ``interrupt`` works
+whichever worker it reaches.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sd35 import metrics
 from sd35.a1111 import translate
+from sd35.a1111.board import Board, Command
 from sd35.a1111.protocol import (
     Img2ImgRequest,
     LatentUpscalerModeItem,
@@ -49,6 +51,10 @@ from sd35.serving import ImageServing
 
 # How often a later iteration that found the queue full tries again.
 _REQUEUE_SECONDS = 0.1
+# How often a worker with AUTOMATIC1111 requests running publishes them to the board and reads the other
+# workers' interrupts and skips; a snapshot older than _FRESH_SECONDS is of a worker that stopped.
+_SYNC_SECONDS = 0.2
+_FRESH_SECONDS = 2.0
 
 
 def _png_b64(pixels: np.ndarray) -> bytes:
@@ -81,6 +87,7 @@ class _Run:
     dropped: set[int] = field(default_factory=set)
     interrupted: bool = False
     skipped: bool = False
+    started: float = field(default_factory=time.monotonic)
 
     def unrun(self) -> int:
         """Iterations that an interrupt kept from ever being submitted."""
@@ -95,17 +102,20 @@ class _Run:
 class A1111Serving:
     """The AUTOMATIC1111 surface of one worker: options, listings, generation, progress, interrupt."""
 
-    def __init__(self, serving: ImageServing) -> None:
+    def __init__(self, serving: ImageServing, board: Board) -> None:
         self.serving = serving
         self.settings = serving.settings
         self.engine = serving.engine
-        self._checkpoints: dict[str, str] = {}
+        self.board = board
         self._runs: dict[str, list[_Run]] = {}
+        # The board's commands seen so far: those posted before this worker began are not for it.
+        self._last_command = board.last_command()
+        self._syncer: asyncio.Task[None] | None = None
 
     # --- options and listings ---------------------------------------------------
 
     def _checkpoint(self) -> str:
-        return self._checkpoints.get(KEY_NAME.get(), translate.base_checkpoint(self.settings).title)
+        return self.board.checkpoint(KEY_NAME.get()) or translate.base_checkpoint(self.settings).title
 
     def options(self) -> Options:
         return Options(sd_model_checkpoint=self._checkpoint())
@@ -115,7 +125,7 @@ class A1111Serving:
         name = options.get("sd_model_checkpoint")
         if name is not None:
             checkpoint = translate.find_checkpoint(self.settings, name, "sd_model_checkpoint")
-            self._checkpoints[KEY_NAME.get()] = checkpoint.title
+            self.board.set_checkpoint(KEY_NAME.get(), checkpoint.title)
 
     def sd_models(self) -> list[SDModelItem]:
         """The one checkpoint: the base model (adapters are LoRAs, see :meth:`loras`)."""
@@ -183,6 +193,8 @@ class A1111Serving:
         run = _Run(plan.kind, time.strftime("%Y%m%d%H%M%S"), plan.jobs)
         key = KEY_NAME.get()
         self._runs.setdefault(key, []).append(run)
+        if self.board.shared and self._syncer is None:
+            self._syncer = asyncio.create_task(self._sync())
         try:
             results = await self._run(run, deadline)
         finally:
@@ -190,6 +202,9 @@ class A1111Serving:
             runs.remove(run)
             if not runs:
                 del self._runs[key]
+            if self.board.shared:
+                # At once: a client that polls another worker's progress until job_count is 0 goes on then.
+                self._publish()
             self.serving.give_back_quota(run.never_queued())
         images = [image for result in results for image in result]
         # The seeds of the images answered: an iteration interrupted before it ran has none.
@@ -274,9 +289,13 @@ class A1111Serving:
     # --- progress, interrupt, skip -------------------------------------------------------
 
     def progress(self) -> ProgressResponse:
-        """The caller's requests: the running job's denoising steps, and every job not yet answered."""
-        runs = self._runs.get(KEY_NAME.get(), [])
-        states = [state for run in runs for state in self._states(run)]
+        """The caller's requests, on every worker: the running job's denoising steps, and every job not yet
+        answered."""
+        key = KEY_NAME.get()
+        runs = [self._snapshot(run) for run in self._runs.get(key, [])]
+        if self.board.shared:
+            runs += self.board.others(key, fresh_within=_FRESH_SECONDS)
+        states = [JobProgress(*state) for run in runs for state in run["states"]]
         if not states:
             idle = ProgressState(
                 skipped=False,
@@ -303,17 +322,27 @@ class A1111Serving:
             eta = (left + sum(s.steps_total for s in queued)) * per_step
         current = running[0] if running else (queued[0] if queued else states[-1])
         state = ProgressState(
-            skipped=any(run.skipped for run in runs),
-            interrupted=any(run.interrupted for run in runs),
+            skipped=any(run["skipped"] for run in runs),
+            interrupted=any(run["interrupted"] for run in runs),
             stopping_generation=False,
-            job=f"scripts_{runs[0].kind}",
+            job=f"scripts_{runs[0]['kind']}",
             job_count=len(states),
-            job_timestamp=runs[0].timestamp,
+            job_timestamp=runs[0]["timestamp"],
             job_no=done,
             sampling_step=current.steps_done,
             sampling_steps=current.steps_total,
         )
         return ProgressResponse(progress=min(fraction, 1.0), eta_relative=round(eta, 3), state=state)
+
+    def _snapshot(self, run: _Run) -> dict[str, Any]:
+        """A request as ``progress`` reads it, here or (as JSON on the board) on another worker."""
+        return {
+            "kind": run.kind,
+            "timestamp": run.timestamp,
+            "skipped": run.skipped,
+            "interrupted": run.interrupted,
+            "states": [astuple(state) for state in self._states(run)],
+        }
 
     def _states(self, run: _Run) -> list[JobProgress]:
         """Each iteration's progress: submitted ones from the engine, later ones as queued."""
@@ -324,17 +353,52 @@ class A1111Serving:
         return states
 
     def interrupt(self) -> None:
-        """End the caller's requests: running jobs at their next step with what was made, the rest unrun."""
+        """End the caller's requests, on every worker: running jobs at their next step with what was made, the
+        rest unrun."""
         for run in self._runs.get(KEY_NAME.get(), []):
-            run.interrupted = True
-            for job in run.jobs:
-                if self.engine.progress(job).state != "done" and self.engine.end_early(job):
-                    run.dropped.add(id(job))
+            self._interrupt(run)
+        if self.board.shared:
+            self.board.post(KEY_NAME.get(), "interrupt")
 
     def skip(self) -> None:
-        """End the caller's running jobs at their next step; their requests' later iterations still run."""
+        """End the caller's running jobs, on every worker, at their next step; their requests' later iterations
+        still run."""
         for run in self._runs.get(KEY_NAME.get(), []):
-            for job in run.jobs:
-                if self.engine.progress(job).state == "running":
-                    run.skipped = True
-                    self.engine.end_early(job)
+            self._skip(run)
+        if self.board.shared:
+            self.board.post(KEY_NAME.get(), "skip")
+
+    def _interrupt(self, run: _Run) -> None:
+        run.interrupted = True
+        for job in run.jobs:
+            if self.engine.progress(job).state != "done" and self.engine.end_early(job):
+                run.dropped.add(id(job))
+
+    def _skip(self, run: _Run) -> None:
+        for job in run.jobs:
+            if self.engine.progress(job).state == "running":
+                run.skipped = True
+                self.engine.end_early(job)
+
+    async def _sync(self) -> None:
+        """While this worker answers AUTOMATIC1111 requests: apply the interrupts and skips the other workers
+        were asked, and publish the requests for their ``progress``; the last round clears them."""
+        try:
+            while True:
+                self._apply(self.board.commands_after(self._last_command))
+                self._publish()
+                if not self._runs:
+                    return
+                await asyncio.sleep(_SYNC_SECONDS)
+        finally:
+            self._syncer = None
+
+    def _publish(self) -> None:
+        self.board.publish({key: [self._snapshot(run) for run in runs] for key, runs in self._runs.items()})
+
+    def _apply(self, commands: list[Command]) -> None:
+        for command in commands:
+            self._last_command = command.id
+            for run in self._runs.get(command.key, []):
+                if run.started <= command.at:  # a request that began later was not meant
+                    (self._interrupt if command.action == "interrupt" else self._skip)(run)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
+from sd35.a1111.board import Board, shared_database
 from sd35.a1111.protocol import (
     A1111Error,
     ImagesResponse,
@@ -45,7 +46,10 @@ def get_a1111(serving: Serving, request: Request) -> A1111Serving:
     state = request.app.state
     current: A1111Serving | None = getattr(state, "a1111", None)
     if current is None or current.serving is not serving:
-        current = state.a1111 = A1111Serving(serving)
+        if current is not None:
+            current.board.close()
+        board = Board(shared_database(serving.settings.workers), serving.engine.worker_index)
+        current = state.a1111 = A1111Serving(serving, board)
     return current
 
 
