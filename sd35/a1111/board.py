@@ -20,17 +20,43 @@ and only the checkpoints use it.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 DATABASE_NAME = "sd35-a1111.sqlite3"  # not *.db: prometheus_client reads every *.db file of that directory
 COMMAND_LIFETIME_SECONDS = 60.0
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _best_effort(default: T) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """For what other workers merely see: a board that fails (a full disk, a lock held too long) costs them a
+    moment's view of this worker, never a request its answer."""
+
+    def decorate(method: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(method)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return method(*args, **kwargs)
+            except sqlite3.Error as error:
+                logger.warning("AUTOMATIC1111 board (%s) failed: %s: %s", method.__name__, type(error).__name__, error)
+                return default
+
+        return guarded
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -98,22 +124,24 @@ class Board:
 
     # --- the running requests of each worker ------------------------------------------
 
+    @_best_effort(None)
     def publish(self, snapshots: dict[str, list[dict[str, Any]]]) -> None:
         """This worker's running requests, per key, replacing what it published before."""
         now = time.monotonic()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("DELETE FROM runs WHERE worker = ?", (self.worker,))
                 self._db.executemany(
                     "INSERT INTO runs (worker, key, snapshot, at) VALUES (?, ?, ?, ?)",
                     [(self.worker, key, json.dumps(runs), now) for key, runs in snapshots.items()],
                 )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("COMMIT")
+            finally:
+                if self._db.in_transaction:  # a statement, or the COMMIT itself, failed
+                    self._db.execute("ROLLBACK")
 
+    @_best_effort([])
     def others(self, key: str, fresh_within: float) -> list[dict[str, Any]]:
         """The key's running requests on the other workers, as they published them lately."""
         rows = self._execute(
@@ -124,6 +152,7 @@ class Board:
 
     # --- interrupt and skip ---------------------------------------------------------
 
+    @_best_effort(None)
     def post(self, key: str, action: str) -> None:
         """Ask the other workers to ``interrupt`` or ``skip`` the key's requests that began before now."""
         now = time.monotonic()
@@ -137,6 +166,7 @@ class Board:
     def last_command(self) -> int:
         return self._execute("SELECT COALESCE(MAX(id), 0) FROM commands")[0][0]
 
+    @_best_effort([])
     def commands_after(self, last: int) -> list[Command]:
         """The other workers' commands posted since command ``last``."""
         rows = self._execute(
