@@ -6,10 +6,14 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sd35.a1111.board import DATABASE_NAME, Board, shared_database
+from sd35.a1111.serving import A1111Serving, _Run
+from sd35.engine.worker import JobProgress
+from sd35.logs import KEY_NAME
 
 
 @pytest.fixture
@@ -87,3 +91,75 @@ def test_a_failing_board_costs_a_log_line_not_the_request(
         "AUTOMATIC1111 board (others)",
         "AUTOMATIC1111 board (commands_after)",
     ]
+
+
+class _Engine:
+    """The two calls of the engine that interrupt and skip use: where a job stands, and ending it early."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, str] = {}
+        self.ended: list[str] = []
+
+    def progress(self, job: SimpleNamespace) -> JobProgress:
+        return JobProgress(self.states[id(job)], 1, 4, 0.1, 1)
+
+    def end_early(self, job: SimpleNamespace) -> bool:
+        self.ended.append(job.name)
+        return self.states[id(job)] == "queued"
+
+
+def _worker(board: Board, engine: _Engine) -> A1111Serving:
+    return A1111Serving(SimpleNamespace(settings=None, engine=engine), board)  # type: ignore[arg-type]
+
+
+def _job(engine: _Engine, name: str, state: str, started: float | None) -> SimpleNamespace:
+    job = SimpleNamespace(name=name, started=started)
+    engine.states[id(job)] = state
+    return job
+
+
+def _run_of(jobs: list[SimpleNamespace], started: float) -> _Run:
+    return _Run("txt2img", "20261206000000", [], jobs=jobs, started=started)  # type: ignore[arg-type]
+
+
+def _asked_on_the_first_worker(first: A1111Serving, key: str, action: str) -> None:
+    token = KEY_NAME.set(key)
+    try:
+        getattr(first, action)()
+    finally:
+        KEY_NAME.reset(token)
+
+
+def test_an_interrupt_from_another_worker_ends_the_keys_requests_begun_before_it(boards: tuple[Board, Board]) -> None:
+    engine = _Engine()
+    first, second = _worker(boards[0], engine), _worker(boards[1], engine)
+    before = time.monotonic()
+    running = _run_of([_job(engine, "running", "running", before), _job(engine, "queued", "queued", None)], before)
+    others = _run_of([_job(engine, "bob's", "running", before)], before)
+    second._runs = {"alice": [running], "bob": [others]}
+    _asked_on_the_first_worker(first, "alice", "interrupt")
+    later = _run_of([_job(engine, "later", "running", time.monotonic())], time.monotonic())
+    second._runs["alice"].append(later)
+    second._apply(second.board.commands_after(second._last_command))
+    assert engine.ended == ["running", "queued"], "alice's request begun before the interrupt, nothing else"
+    assert running.interrupted and not later.interrupted and not others.interrupted
+    assert running.dropped == {id(running.jobs[1])}, "the queued iteration is dropped, not answered"
+    second._apply(second.board.commands_after(second._last_command))
+    assert engine.ended == ["running", "queued"], "a command is applied once"
+
+
+def test_a_skip_from_another_worker_ends_the_iteration_running_then_not_the_next(boards: tuple[Board, Board]) -> None:
+    engine = _Engine()
+    first, second = _worker(boards[0], engine), _worker(boards[1], engine)
+    begun = time.monotonic()
+    done = _job(engine, "done", "done", begun)
+    run = _run_of([done], begun)
+    second._runs = {"alice": [run]}
+    _asked_on_the_first_worker(first, "alice", "skip")
+    # Before the second worker's next round, the skipped iteration ended on its own and the next began.
+    run.jobs.append(_job(engine, "next", "running", time.monotonic()))
+    second._apply(second.board.commands_after(second._last_command))
+    assert engine.ended == [] and not run.skipped
+    _asked_on_the_first_worker(first, "alice", "skip")
+    second._apply(second.board.commands_after(second._last_command))
+    assert engine.ended == ["next"] and run.skipped and not run.interrupted

@@ -42,7 +42,8 @@ def server(
     }
     with running_server(env, directory) as running:
         deadline = time.monotonic() + 60
-        while running.log_text().count("ready on cpu") < 2 and time.monotonic() < deadline:
+        while running.log_text().count("ready on cpu") < 2:
+            assert time.monotonic() < deadline, "both workers should be ready within 60 s"
             time.sleep(0.2)
         yield running
 

@@ -145,7 +145,7 @@ class Board:
     def others(self, key: str, fresh_within: float) -> list[dict[str, Any]]:
         """The key's running requests on the other workers, as they published them lately."""
         rows = self._execute(
-            "SELECT snapshot FROM runs WHERE key = ? AND worker != ? AND at >= ?",
+            "SELECT snapshot FROM runs WHERE key = ? AND worker != ? AND at >= ? ORDER BY worker",
             (key, self.worker, time.monotonic() - fresh_within),
         )
         return [run for (snapshot,) in rows for run in json.loads(snapshot)]
@@ -163,6 +163,7 @@ class Board:
                 "INSERT INTO commands (worker, key, action, at) VALUES (?, ?, ?, ?)", (self.worker, key, action, now)
             )
 
+    @_best_effort(0)
     def last_command(self) -> int:
         return self._execute("SELECT COALESCE(MAX(id), 0) FROM commands")[0][0]
 

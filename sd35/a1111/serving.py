@@ -17,7 +17,9 @@ whichever worker it reaches.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 import time
 from dataclasses import astuple, dataclass, field
 from typing import Any
@@ -52,9 +54,12 @@ from sd35.serving import ImageServing
 # How often a later iteration that found the queue full tries again.
 _REQUEUE_SECONDS = 0.1
 # How often a worker with AUTOMATIC1111 requests running publishes them to the board and reads the other
-# workers' interrupts and skips; a snapshot older than _FRESH_SECONDS is of a worker that stopped.
+# workers' interrupts and skips; a snapshot older than _FRESH_SECONDS is of a worker that stopped (long enough
+# that a busy worker's late round is not taken for one).
 _SYNC_SECONDS = 0.2
-_FRESH_SECONDS = 2.0
+_FRESH_SECONDS = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 def _png_b64(pixels: np.ndarray) -> bytes:
@@ -108,7 +113,8 @@ class A1111Serving:
         self.engine = serving.engine
         self.board = board
         self._runs: dict[str, list[_Run]] = {}
-        # The board's commands seen so far: those posted before this worker began are not for it.
+        # The board's commands seen so far: those posted before this worker's first AUTOMATIC1111 request
+        # concern requests it never had.
         self._last_command = board.last_command()
         self._syncer: asyncio.Task[None] | None = None
 
@@ -194,7 +200,8 @@ class A1111Serving:
         key = KEY_NAME.get()
         self._runs.setdefault(key, []).append(run)
         if self.board.shared and self._syncer is None:
-            self._syncer = asyncio.create_task(self._sync())
+            # A context of its own: its log lines are not this request's.
+            self._syncer = asyncio.create_task(self._sync(), context=contextvars.Context())
         try:
             results = await self._run(run, deadline)
         finally:
@@ -202,10 +209,10 @@ class A1111Serving:
             runs.remove(run)
             if not runs:
                 del self._runs[key]
+            self.serving.give_back_quota(run.never_queued())
             if self.board.shared:
                 # At once: a client that polls another worker's progress until job_count is 0 goes on then.
                 self._publish()
-            self.serving.give_back_quota(run.never_queued())
         images = [image for result in results for image in result]
         # The seeds of the images answered: an iteration interrupted before it ran has none.
         seeds = [seed for job, result in zip(plan.jobs, results, strict=True) for seed in job.seeds()[: len(result)]]
@@ -374,9 +381,13 @@ class A1111Serving:
             if self.engine.progress(job).state != "done" and self.engine.end_early(job):
                 run.dropped.add(id(job))
 
-    def _skip(self, run: _Run) -> None:
+    def _skip(self, run: _Run, asked: float | None = None) -> None:
+        """End the run's running job; asked on another worker at ``asked``, only a job that was running then (not
+        the next iteration, begun since)."""
         for job in run.jobs:
-            if self.engine.progress(job).state == "running":
+            if self.engine.progress(job).state != "running":
+                continue
+            if asked is None or (job.started is not None and job.started <= asked):
                 run.skipped = True
                 self.engine.end_early(job)
 
@@ -385,13 +396,22 @@ class A1111Serving:
         were asked, and publish the requests for their ``progress``; the last round clears them."""
         try:
             while True:
-                self._apply(self.board.commands_after(self._last_command))
-                self._publish()
+                try:
+                    self._apply(self.board.commands_after(self._last_command))
+                    self._publish()
+                except Exception:  # the next round tries again; the requests go on regardless
+                    logger.exception("AUTOMATIC1111 board: a round of sharing this worker's requests failed")
                 if not self._runs:
                     return
                 await asyncio.sleep(_SYNC_SECONDS)
         finally:
             self._syncer = None
+
+    def close(self) -> None:
+        """Stop sharing (the serving layer was replaced): the board's task and connection."""
+        if self._syncer is not None:
+            self._syncer.cancel()
+        self.board.close()
 
     def _publish(self) -> None:
         self.board.publish({key: [self._snapshot(run) for run in runs] for key, runs in self._runs.items()})
@@ -400,5 +420,9 @@ class A1111Serving:
         for command in commands:
             self._last_command = command.id
             for run in self._runs.get(command.key, []):
-                if run.started <= command.at:  # a request that began later was not meant
-                    (self._interrupt if command.action == "interrupt" else self._skip)(run)
+                if run.started > command.at:  # a request that began later was not meant
+                    continue
+                if command.action == "interrupt":
+                    self._interrupt(run)
+                else:
+                    self._skip(run, asked=command.at)

@@ -41,13 +41,14 @@ PREFIX = "/sdapi/v1"
 router = APIRouter(prefix=PREFIX, tags=["AUTOMATIC1111"])
 
 
-def get_a1111(serving: Serving, request: Request) -> A1111Serving:
-    """The worker's AUTOMATIC1111 state (options, running requests), made with its serving layer."""
+async def get_a1111(serving: Serving, request: Request) -> A1111Serving:
+    """The worker's AUTOMATIC1111 state (options, running requests), made with its serving layer (on the event
+    loop, never in a thread, so that two first requests cannot both make one)."""
     state = request.app.state
     current: A1111Serving | None = getattr(state, "a1111", None)
     if current is None or current.serving is not serving:
         if current is not None:
-            current.board.close()
+            current.close()
         board = Board(shared_database(serving.settings.workers), serving.engine.worker_index)
         current = state.a1111 = A1111Serving(serving, board)
     return current
