@@ -253,7 +253,10 @@ def test_draining_refuses_new_work_then_interrupts_the_batch_and_refuses_the_que
         ("GET", "/metrics", "/metrics", ()),
         ("GET", "/a/random/path/9f8e7d", "/{unmatched}", ()),
         ("GET", "/v1/images/generations", "/{unmatched}", ("POST",)),
-        ("PUT", "/v1/images/files/x", "/{unmatched}", ("GET",)),
+        ("PUT", "/v1/images/files/x", "/{unmatched}", ("GET", "HEAD")),
+        ("HEAD", "/v1/images/files/x", "/v1/images/files/{name}", ()),
+        ("HEAD", "/livez", "/livez", ()),
+        ("HEAD", "/v1/images/generations", "/{unmatched}", ("POST",)),
         # The mount of the FastAPI app takes no newline (nor does BentoML's router): no route, a JSON 404.
         ("GET", "/v1/images/files/a\nb.png", "/{unmatched}", ()),
     ],

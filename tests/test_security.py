@@ -99,10 +99,10 @@ def test_a_path_of_no_route_gets_openais_404(http: httpx.Client, method: str, pa
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("POST", "/v1/models", "GET"),
+        ("POST", "/v1/models", "GET, HEAD"),
         ("GET", GEN, "POST"),
         ("POST", "/livez", "GET, HEAD"),
-        ("DELETE", "/health", "GET"),
+        ("DELETE", "/health", "GET, HEAD"),
     ],
 )
 def test_a_wrong_method_gets_405_with_allow(http: httpx.Client, method: str, path: str, allow: str) -> None:
@@ -133,6 +133,39 @@ def test_the_sdk_reads_the_404_and_405(server: Server) -> None:
     with pytest.raises(openai.APIStatusError) as wrong:
         sdk.post("/models", cast_to=object)
     assert wrong.value.status_code == 405 and wrong.value.code == "method_not_allowed"
+
+
+def _raw_head(server: Server, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """Everything the server sends for a HEAD until it closes the connection."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    lines = [f"HEAD {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_head_answers_as_get_without_the_body(server: Server, http: httpx.Client) -> None:
+    url = http.post(GEN, json={**SMALL, "response_format": "url"}, headers=AUTH).json()["data"][0]["url"]
+    image = http.get(url)
+    for path, headers, status in [
+        ("/health", None, 200),
+        ("/v1/models", AUTH, 200),
+        ("/v1/models", None, 401),
+        (url.removeprefix(server.url), None, 200),
+        ("/nope", None, 404),
+    ]:
+        head, _, body = _raw_head(server, path, headers).partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), (path, head)
+        assert body == b"", f"HEAD {path} sent a body"
+        assert re.search(rb"(?im)^x-request-id: ", head) and re.search(rb"(?im)^openai-processing-ms: \d+", head)
+    head = _raw_head(server, url.removeprefix(server.url)).partition(b"\r\n\r\n")[0].decode().lower()
+    assert f"content-length: {len(image.content)}" in head and "content-type: image/png" in head
+    # A client that keeps the connection sees the next answer intact after a HEAD.
+    assert http.head("/health").status_code == 200 and http.get("/health").json()["status"] == "healthy"
 
 
 def test_every_response_has_a_request_id_and_the_processing_time(server: Server, http: httpx.Client) -> None:

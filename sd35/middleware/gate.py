@@ -1,5 +1,8 @@
 """The route gate: a path that is no route gets 404, a route asked with the wrong method 405, before anything else.
 
+A HEAD for a route that takes GET is let through as that GET; the server,
+which still sees HEAD, sends its headers without the body.
+
 Decided on the request line alone, before authentication and before a byte
 of the body is read: nobody is buffered, and no layer below spends anything,
 on a request that has nowhere to go. The answers are OpenAI's, word for word
@@ -27,6 +30,9 @@ class RouteGate:
             return
         route = route_of(scope)
         if route.template is not None:
+            if route.head_as_get:
+                # A copy: the server keeps its own scope, which still says HEAD, and so sends no body.
+                scope = {**scope, "method": "GET"}
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]

@@ -35,6 +35,8 @@ class RouteMatch:
 
     template: str | None
     allow: tuple[str, ...] = ()
+    # A HEAD for a route that declares only GET (FastAPI's routes): answered as the GET, without its body.
+    head_as_get: bool = False
 
     @property
     def label(self) -> str:
@@ -84,6 +86,11 @@ def _match(entries: Iterable[_Entry], method: str, path: str) -> RouteMatch:
         if entry.matches(path):
             if entry.methods is None or method in entry.methods:
                 return RouteMatch(entry.template)
+            # HTTP wants HEAD wherever GET is (Starlette's own routes have it; FastAPI's declare GET alone).
+            if "GET" in entry.methods:
+                if method == "HEAD":
+                    return RouteMatch(entry.template, head_as_get=True)
+                allow |= {"HEAD"}
             allow |= entry.methods
     return RouteMatch(None, tuple(sorted(allow)))
 
