@@ -33,7 +33,17 @@ from pathlib import Path
 import httpx
 
 from bench.cpu import PROMPT, _post
-from bench.harness import ROOT, LoadResult, load, machine, median_ms, serve_process
+from bench.harness import (
+    ROOT,
+    LoadResult,
+    commit,
+    load,
+    load_average,
+    machine,
+    median_ms,
+    serve_process,
+    write_report,
+)
 from sd35.tiny import write_tiny_pipeline
 
 KEY = "sk-bench-against"
@@ -124,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by both servers
     other = _git("rev-parse", "--short", args.revision)
-    this = _git("rev-parse", "--short", "HEAD")
-    if _git("status", "--porcelain"):
-        this += " with uncommitted changes"
+    this = commit()
     started = time.monotonic()
-    load_at_start = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         model_dir = write_tiny_pipeline(Path(tmp) / "tiny-sd3")
         env = {
@@ -158,15 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         for section in (sequential(urls, args.rounds), concurrent(urls, args.load_rounds, args.requests)):
             print("\n".join(section), flush=True)
             report += section
-    load_at_end = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     report.append(
-        f"Load average at the end: {load_at_end}. Total time: {time.monotonic() - started:.0f} s; "
+        f"Load average at the end: {load_average()}. Total time: {time.monotonic() - started:.0f} s; "
         f"command: `python -m bench.against {args.revision}`."
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"against-{date.today().isoformat()}.md"
-    path.write_text("\n".join(report) + "\n")
-    print(f"written to {path}")
+    write_report(args.out, f"against-{date.today().isoformat()}.md", report)
     return 0
 
 

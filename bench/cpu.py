@@ -26,7 +26,6 @@ import base64
 import io
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,7 +39,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import ROOT, BarePipeline, LoadResult, load, machine, median_ms, serve_process
+from bench.harness import (
+    BarePipeline,
+    LoadResult,
+    commit,
+    load,
+    load_average,
+    machine,
+    median_ms,
+    serve_process,
+    write_report,
+)
 from sd35 import png
 from sd35.config import Settings
 from sd35.engine.loading import load_pipeline
@@ -288,19 +297,6 @@ def batching(
     ]
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-
-
-def _load() -> str:
-    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -318,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report = [f"# CPU benchmark — {date.today().isoformat()}", "", f"Machine: {machine()}", ""]
     report += [
-        f"Commit: {_commit()}. Load average (1/5/15 min) at the start: {_load()}. "
+        f"Commit: {commit()}. Load average (1/5/15 min) at the start: {load_average()}. "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} for the servers and the bare pipeline.",
         "",
         "Model: the tiny random SD3 pipeline (`python -m sd35.tiny`), float32 on CPU.",
@@ -345,13 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             off_url = stack.enter_context(serve_process({**env, "MAX_BATCH_IMAGES": "1"}))
             emit(batching(on_url, off_url, bare, args.batch_rounds, args.requests))
     report.append(
-        f"Load average at the end: {_load()}. Total benchmark time: {time.monotonic() - started:.0f} s; "
+        f"Load average at the end: {load_average()}. Total benchmark time: {time.monotonic() - started:.0f} s; "
         "command: `make bench`."
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpu-{date.today().isoformat()}{'-quick' if args.quick else ''}.md"
-    path.write_text("\n".join(report) + "\n")
-    print(f"written to {path}")
+    write_report(args.out, f"cpu-{date.today().isoformat()}{'-quick' if args.quick else ''}.md", report)
     return 0
 
 

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.cpu import _commit
-from bench.harness import machine, serve_process
+from bench.harness import commit, load_average, machine, serve_process, write_report
 from sd35.tiny import write_tiny_pipeline
 
 FLOOD_KEY = "sk-bench-batch-job"
@@ -130,10 +129,6 @@ def report_rows(outcomes: dict[str, Outcome]) -> list[str]:
     return rows
 
 
-def _load() -> str:
-    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report = [f"# Fair queueing benchmark — {date.today().isoformat()}", "", f"Machine: {machine()}", ""]
     report += [
-        f"Commit: {_commit()}. Load average (1/5/15 min) at the start: {_load()}. "
+        f"Commit: {commit()}. Load average (1/5/15 min) at the start: {load_average()}. "
         f"Scenario: {args.flood_clients} clients of key `batch-job` sending n={args.flood_n} back to back; one client "
         f"of key `chat` sending n=1, {args.chat_requests} requests one after the other per round; "
         f"{args.size}², {args.steps} steps, MAX_BATCH_IMAGES={args.max_batch_images}; {args.rounds} rounds, "
@@ -187,13 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     report += rows
     report += [
         "",
-        f"Load average at the end: {_load()}. Total benchmark time: {time.monotonic() - started:.0f} s; "
+        f"Load average at the end: {load_average()}. Total benchmark time: {time.monotonic() - started:.0f} s; "
         f"command: `python -m bench.fairness{' --quick' if args.quick else ''}`.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"fairness-{date.today().isoformat()}{'-quick' if args.quick else ''}.md"
-    path.write_text("\n".join(report) + "\n")
-    print(f"written to {path}")
+    write_report(args.out, f"fairness-{date.today().isoformat()}{'-quick' if args.quick else ''}.md", report)
     return 0
 
 

@@ -265,5 +265,29 @@ def machine() -> str:
     )
 
 
+def commit() -> str:
+    """The commit measured, and whether the tree held uncommitted changes."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load average, which each results file records at its start and end."""
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def write_report(out: Path, name: str, report: list[str]) -> Path:
+    """A results file ``out/name``, printed where it went."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text("\n".join(report) + "\n")
+    print(f"written to {path}")
+    return path
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
