@@ -20,20 +20,19 @@ the limit, what is left now, and when the bucket will be empty again.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sd35.errors import RateLimitError, ValidationError
+from sd35.shared_sqlite import connect, immediate, multiprocess_file
 
 WINDOW_SECONDS = 60.0
-DATABASE_NAME = "sd35-quotas.sqlite3"  # not *.db: prometheus_client reads every *.db file of that directory
+DATABASE_NAME = "sd35-quotas.sqlite3"
 _EPSILON = 1e-9
 
 
@@ -67,8 +66,7 @@ def duration(seconds: float) -> str:
 
 def default_database() -> Path | None:
     """The database all workers of this server share, or None (in memory) outside a multi-process server."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(directory) / DATABASE_NAME if directory else None
+    return multiprocess_file(DATABASE_NAME)
 
 
 class QuotaLedger:
@@ -84,29 +82,12 @@ class QuotaLedger:
     def _connection(self) -> sqlite3.Connection:
         # Opened on first use, in the worker (the arbiter imports the service too).
         if self._db is None:
-            target = str(self.path) if self.path is not None else ":memory:"
-            db = sqlite3.connect(target, timeout=5, isolation_level=None, check_same_thread=False)
-            if self.path is not None:
-                db.execute("PRAGMA journal_mode=WAL")
-            # The state lives as long as the server: losing it in a power cut costs nothing.
-            db.execute("PRAGMA synchronous=OFF")
+            db = connect(self.path)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, level REAL NOT NULL, at REAL NOT NULL)"
             )
             self._db = db
         return self._db
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One read-modify-write: BEGIN IMMEDIATE makes it the only writer across every worker."""
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def _now(self) -> float:
         return self._clock()
@@ -133,7 +114,7 @@ class QuotaLedger:
                 f"(images_per_minute={limit}); ask for fewer images.",
                 param="n",
             )
-        with self._lock, self._transaction() as db:
+        with self._lock, immediate(self._connection()) as db:
             now = self._now()
             level = self._level(db, name, limit, now)
             fits = level + images <= limit + _EPSILON
@@ -157,7 +138,7 @@ class QuotaLedger:
 
     def give_back(self, name: str, limit: int, images: int) -> None:
         """Uncount images that were never queued (the queue was full, the server not ready)."""
-        with self._lock, self._transaction() as db:
+        with self._lock, immediate(self._connection()) as db:
             now = self._now()
             level = max(0.0, self._level(db, name, limit, now) - images)
             db.execute("UPDATE buckets SET level = ?, at = ? WHERE name = ?", (level, now, name))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -32,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-DATABASE_NAME = "sd35-a1111.sqlite3"  # not *.db: prometheus_client reads every *.db file of that directory
+from sd35.shared_sqlite import connect, immediate, multiprocess_file
+
+DATABASE_NAME = "sd35-a1111.sqlite3"
 COMMAND_LIFETIME_SECONDS = 60.0
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ class Command:
 
 def shared_database(workers: int) -> Path | None:
     """The board's file when several workers share it, else None (in memory)."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(directory) / DATABASE_NAME if directory and workers > 1 else None
+    return multiprocess_file(DATABASE_NAME) if workers > 1 else None
 
 
 class Board:
@@ -83,13 +83,7 @@ class Board:
         self.path = path
         self.worker = worker
         self._lock = threading.Lock()
-        db = sqlite3.connect(
-            str(path) if path else ":memory:", timeout=5, isolation_level=None, check_same_thread=False
-        )
-        if path is not None:
-            db.execute("PRAGMA journal_mode=WAL")
-        # Lost in a power cut, it costs nothing: the server starts afresh.
-        db.execute("PRAGMA synchronous=OFF")
+        db = connect(path)
         db.execute("CREATE TABLE IF NOT EXISTS checkpoints (key TEXT PRIMARY KEY, title TEXT NOT NULL)")
         db.execute(
             "CREATE TABLE IF NOT EXISTS runs (worker INTEGER NOT NULL, key TEXT NOT NULL, snapshot TEXT NOT NULL, "
@@ -128,18 +122,12 @@ class Board:
     def publish(self, snapshots: dict[str, list[dict[str, Any]]]) -> None:
         """This worker's running requests, per key, replacing what it published before."""
         now = time.monotonic()
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("DELETE FROM runs WHERE worker = ?", (self.worker,))
-                self._db.executemany(
-                    "INSERT INTO runs (worker, key, snapshot, at) VALUES (?, ?, ?, ?)",
-                    [(self.worker, key, json.dumps(runs), now) for key, runs in snapshots.items()],
-                )
-                self._db.execute("COMMIT")
-            finally:
-                if self._db.in_transaction:  # a statement, or the COMMIT itself, failed
-                    self._db.execute("ROLLBACK")
+        with self._lock, immediate(self._db) as db:
+            db.execute("DELETE FROM runs WHERE worker = ?", (self.worker,))
+            db.executemany(
+                "INSERT INTO runs (worker, key, snapshot, at) VALUES (?, ?, ?, ?)",
+                [(self.worker, key, json.dumps(runs), now) for key, runs in snapshots.items()],
+            )
 
     @_best_effort([])
     def others(self, key: str, fresh_within: float) -> list[dict[str, Any]]:
