@@ -558,14 +558,24 @@ def pod_script(env: dict[str, str], volumes: dict[str, Path], workdir: Path) -> 
     # A checkout under a volume's path (a clone in /tmp) would be hidden by it: keep it
     # reachable through the image's home tmpfs and put it back, read-only, on top.
     repo_hidden = any(ROOT.is_relative_to(m["mountPath"]) for m in mounts)
+    # A checkout only its owner may enter (a clone into `mktemp -d`) is lent to the image's user as a
+    # world-readable tmpfs holding its entries, each bound read-only.
+    repo_closed = not ROOT.stat().st_mode & 0o001
     repo_stage = home.parent / ".checkout"
-    if repo_hidden:
+    if repo_hidden or repo_closed:
         lines += [f"mkdir -p {repo_stage}", f"mount --bind {ROOT} {repo_stage}"]
     for mount in mounts:
         path = Path(mount["mountPath"])
         assert path == Path("/tmp") or path.is_relative_to(home), path
         lines += [f"mkdir -p {path}", f"mount --bind {volumes[mount['name']]} {path}"]
-    if repo_hidden:
+    if repo_closed:
+        lines += [f"mkdir -p {ROOT}", f"mount -t tmpfs -o mode=0755 tmpfs {ROOT}"]
+        for entry in sorted(ROOT.iterdir()):
+            make = "mkdir" if entry.is_dir() else "touch"
+            lines += [f"{make} {entry}", f"mount --bind {repo_stage / entry.name} {entry}"]
+            lines.append(f"mount -o remount,bind,ro {entry}")
+        lines.append(f"mount -o remount,ro {ROOT}")
+    elif repo_hidden:
         lines += [f"mkdir -p {ROOT}", f"mount --bind {repo_stage} {ROOT}", f"mount -o remount,bind,ro {ROOT}"]
     lines += [f"mount -o remount,ro {home.parent}", "mount -o remount,bind,ro /"]
     if closed is not None:
